@@ -1,0 +1,1 @@
+"""Development tools: tiny random models in every real file format, for tests and the demo."""

@@ -1,0 +1,67 @@
+"""Reading safetensors files and diffusers folders with errors that name the file and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+WEIGHT_SUFFIXES = (".safetensors", ".sft")
+
+
+def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a missing, truncated or non-safetensors file raises ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if not path.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"{path}: only .safetensors files are loaded (pickled .ckpt/.pt/.bin files are not safe)")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable safetensors file: {exc}. "
+            "It may be truncated by an interrupted download, or not a safetensors file at all."
+        ) from exc
+
+
+def load_many(paths: Iterable[str]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(load_safetensors(path))
+    return state
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def diffusers_weight_files(folder: str) -> list[str]:
+    """The safetensors files of a diffusers model folder (single or sharded)."""
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return [os.path.join(folder, name) for name in shards]
+    files = sorted(
+        os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(WEIGHT_SUFFIXES)
+    )
+    if not files:
+        raise ValueError(f"diffusers folder {folder} holds no .safetensors weights")
+    return files
+
+
+def resolve_diffusers_transformer_folder(folder: str) -> str:
+    """A transformer folder itself, or a pipeline folder's `transformer/` subfolder."""
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isdir(
+        os.path.join(folder, "transformer")
+    ):
+        return os.path.join(folder, "transformer")
+    return folder

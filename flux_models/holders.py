@@ -1,0 +1,38 @@
+"""The objects the nodes pass around: plain modules ComfyUI's ModelPatcher can move between devices."""
+
+from __future__ import annotations
+
+import torch
+
+from .transformer import FluxConfig
+
+
+class FluxModel(torch.nn.Module):
+    """A diffusers FLUX.1 transformer plus what the sampler needs to know about it."""
+
+    def __init__(self, transformer: torch.nn.Module, config: FluxConfig, compute_dtype: torch.dtype,
+                 source: str) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.source = source
+        self.device = torch.device("cpu")  # ModelPatcher keeps this attribute up to date
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+
+class FluxTextEncoder(torch.nn.Module):
+    """T5-XXL and CLIP-L with their tokenizers."""
+
+    def __init__(self, t5: torch.nn.Module, clip: torch.nn.Module, tokenizers, compute_dtype: torch.dtype,
+                 sources: tuple[str, str]) -> None:
+        super().__init__()
+        self.t5 = t5
+        self.clip = clip
+        self.tokenizers = tokenizers
+        self.compute_dtype = compute_dtype
+        self.sources = sources
+        self.device = torch.device("cpu")

@@ -1,0 +1,181 @@
+"""Build a diffusers `FluxTransformer2DModel` from a FLUX.1 file or folder, config inferred from weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import files
+from .dtypes import dequantize_scaled_fp8, storage_and_compute
+from .transformer_keys import bfl_to_diffusers, detect_layout, strip_prefix
+
+logger = logging.getLogger(__name__)
+
+FLUX1_AXES = (16, 56, 56)
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """What the weights say about the model: sizes, depth, and dev (guidance-distilled) vs schnell."""
+
+    in_channels: int
+    out_channels: int
+    num_layers: int
+    num_single_layers: int
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    guidance_embeds: bool
+    axes_dims_rope: tuple[int, int, int]
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.guidance_embeds else "schnell"
+
+    def diffusers_kwargs(self) -> dict:
+        return {
+            "patch_size": 1,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "num_single_layers": self.num_single_layers,
+            "attention_head_dim": self.attention_head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "joint_attention_dim": self.joint_attention_dim,
+            "pooled_projection_dim": self.pooled_projection_dim,
+            "guidance_embeds": self.guidance_embeds,
+            "axes_dims_rope": self.axes_dims_rope,
+        }
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _axes_for(head_dim: int) -> tuple[int, int, int]:
+    """FLUX.1 splits a 128-wide head into RoPE axes (16, 56, 56); other widths keep those proportions."""
+    if head_dim == 128:
+        return FLUX1_AXES
+    first = head_dim // 8
+    rest = (head_dim - first) // 2
+    if first % 2 or rest % 2 or first + 2 * rest != head_dim:
+        raise ValueError(f"cannot derive RoPE axes for attention head width {head_dim}")
+    return (first, rest, rest)
+
+
+def infer_config(state: dict[str, torch.Tensor], axes: tuple[int, int, int] | None = None) -> FluxConfig:
+    """Read a FluxConfig from diffusers-layout weights (shapes and key names only)."""
+    try:
+        hidden, in_channels = state["x_embedder.weight"].shape
+        out_channels = state["proj_out.weight"].shape[0]
+        head_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        joint_dim = state["context_embedder.weight"].shape[1]
+        pooled_dim = state["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+        mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    except KeyError as exc:
+        raise ValueError(f"FLUX.1 weights are missing the key {exc.args[0]!r}") from exc
+    if mlp_hidden != 4 * hidden:
+        raise ValueError(f"MLP width {mlp_hidden} is not 4x the hidden width {hidden}: not a FLUX.1 model")
+    if hidden % head_dim:
+        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head_dim}")
+    return FluxConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layers=_count_blocks(state, "transformer_blocks."),
+        num_single_layers=_count_blocks(state, "single_transformer_blocks."),
+        attention_head_dim=head_dim,
+        num_attention_heads=hidden // head_dim,
+        joint_attention_dim=joint_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state,
+        axes_dims_rope=tuple(axes) if axes else _axes_for(head_dim),
+    )
+
+
+def _describe_non_flux(state: dict[str, torch.Tensor]) -> str:
+    keys = list(state)
+    joined = " ".join(keys[:2000])
+    hints = [
+        ("double_stream_modulation_img", "a FLUX.2 model (FluxWorks runs FLUX.1)"),
+        ("lora_", "a LoRA (load it with a LoRA node, not the model loader)"),
+        ("input_blocks.", "a Stable Diffusion UNet"),
+        ("encoder.block.", "a T5 text encoder (it belongs in models/text_encoders)"),
+        ("text_model.encoder", "a CLIP text encoder (it belongs in models/text_encoders)"),
+        ("decoder.conv_in", "a VAE (it belongs in models/vae)"),
+        ("controlnet", "a ControlNet (it belongs in models/controlnet)"),
+    ]
+    for needle, what in hints:
+        if needle in joined:
+            return f"it looks like {what}"
+    return "first keys: " + ", ".join(keys[:5])
+
+
+def state_dict_from_path(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Diffusers-layout FLUX.1 weights (+ folder config, if any) from a file or a diffusers folder."""
+    folder_config: dict = {}
+    if os.path.isdir(path):
+        folder = files.resolve_diffusers_transformer_folder(path)
+        config_path = os.path.join(folder, "config.json")
+        if os.path.isfile(config_path):
+            folder_config = files.read_json(config_path)
+        state = files.load_many(files.diffusers_weight_files(folder))
+    else:
+        state = files.load_safetensors(path)
+    state = dequantize_scaled_fp8(strip_prefix(state))
+    layout = detect_layout(state)
+    if layout == "bfl":
+        state = bfl_to_diffusers(state)
+    elif layout != "diffusers":
+        raise ValueError(
+            f"{path} is not a FLUX.1 transformer: expected BFL keys like 'double_blocks.0.img_attn.qkv.weight' "
+            f"or diffusers keys like 'x_embedder.weight'; {_describe_non_flux(state)}"
+        )
+    return state, folder_config
+
+
+def build_transformer(state: dict[str, torch.Tensor], config: FluxConfig, dtype: torch.dtype):
+    """Instantiate on the meta device and assign the weights (no second copy in memory)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config.diffusers_kwargs())
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            "FLUX.1 weights do not fit the inferred architecture: "
+            f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}"
+        )
+    return model.eval().requires_grad_(False)
+
+
+def weight_file_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the file keeps its large matrices in (fp8 files keep norms and embedders wider)."""
+    return state["transformer_blocks.0.attn.to_q.weight"].dtype
+
+
+def load_flux_transformer(path: str, weight_dtype: str, default_compute: torch.dtype):
+    """(model, config) for a `weight_dtype` choice (see `dtypes.storage_and_compute`).
+
+    fp8 storage keeps weights in fp8 and upcasts each layer as it runs (diffusers layerwise casting).
+    """
+    state, folder_config = state_dict_from_path(path)
+    axes = folder_config.get("axes_dims_rope")
+    config = infer_config(state, tuple(axes) if axes else None)
+    storage, compute = storage_and_compute(weight_dtype, weight_file_dtype(state), default_compute)
+    model = build_transformer(state, config, compute)
+    if storage != compute:
+        model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    logger.info(
+        "loaded FLUX.1-%s from %s: %d double + %d single blocks, width %d, storage %s, compute %s",
+        config.variant, path, config.num_layers, config.num_single_layers,
+        config.num_attention_heads * config.attention_head_dim, storage, compute,
+    )
+    return model, config, compute
