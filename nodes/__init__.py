@@ -1,0 +1,11 @@
+"""Thin ComfyUI adapters; the numerics live in flux_sampler/ and flux_models/.
+
+Each module below defines NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for its node family.
+"""
+
+from . import guidance, loaders, sampler, text_encode
+
+_MODULES = (loaders, text_encode, guidance, sampler)
+
+NODE_CLASS_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}

@@ -1,0 +1,93 @@
+"""Glue to ComfyUI's host services: model folders, devices and dtypes, ModelPatcher, progress bars."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+logger = logging.getLogger(__name__)
+
+FLUX_MODEL = "FLUX_MODEL"
+FLUX_TEXT_ENCODER = "FLUX_TEXT_ENCODER"
+FLUX_GUIDANCE = "FLUX_GUIDANCE"
+CATEGORY = "FluxWorks"
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on the CPU (exact and fast enough for small models), bf16 where the GPU has it, else fp16."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float16
+
+
+def _is_diffusers_folder(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return os.path.isdir(os.path.join(path, "transformer"))
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as f:
+        return "FluxTransformer2DModel" in f.read()
+
+
+def model_choices(folder: str = "diffusion_models") -> list[str]:
+    """Single files plus diffusers folders (listed as folders; their shard files are hidden)."""
+    folders: list[str] = []
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+            depth = os.path.relpath(dirpath, root).count(os.sep)
+            if dirpath != root and _is_diffusers_folder(dirpath):
+                folders.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []
+            elif depth >= 3:
+                dirnames[:] = []
+    hidden = tuple(f + "/" for f in folders)
+    files = [f for f in folder_paths.get_filename_list(folder) if not f.replace(os.sep, "/").startswith(hidden)]
+    return sorted(set(files) | set(folders))
+
+
+def full_path(folder: str, name: str) -> str:
+    """Absolute path of a listed file or diffusers folder; FileNotFoundError names what was looked for."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is not None:
+        return path
+    for root in folder_paths.get_folder_paths(folder):
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return candidate
+    roots = ", ".join(folder_paths.get_folder_paths(folder))
+    raise FileNotFoundError(f"'{name}' was not found in the {folder} folders ({roots})")
+
+
+def tokenizer_folders() -> tuple[str, str]:
+    """CLIP-L and T5 tokenizer files that ship inside ComfyUI (nothing is fetched from a hub)."""
+    comfy_dir = os.path.dirname(os.path.abspath(comfy.utils.__file__))
+    return os.path.join(comfy_dir, "sd1_tokenizer"), os.path.join(comfy_dir, "text_encoders", "t5_tokenizer")
+
+
+def wrap_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """Put our module under ComfyUI's memory manager so it is loaded and evicted like core models."""
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+def load_on_device(patcher) -> torch.device:
+    """Move the whole model to its device through the memory manager (evicting others if needed)."""
+    mm.load_models_gpu([patcher], force_full_load=True)
+    return patcher.load_device
+
+
+def expect(value, type_name: str, node: str):
+    """Reject a wrong object on a custom socket with a message naming what was expected."""
+    expected = {"FLUX_MODEL": "FluxModel", "FLUX_TEXT_ENCODER": "FluxTextEncoder"}[type_name]
+    inner = getattr(value, "model", None)
+    if type(inner).__name__ != expected:
+        raise TypeError(f"{node} expects a {type_name} from a FluxWorks loader, got {type(value).__name__}")
+    return value

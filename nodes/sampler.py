@@ -1,0 +1,134 @@
+"""FluxWorksSampler: the FLUX.1 flow-matching sampler with per-step guidance and true-CFG windows."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.utils
+import latent_preview
+import torch
+
+from ..flux_sampler.guidance import GuidanceCurve
+from ..flux_sampler.latents import LATENT_CHANNELS, make_noise, to_model_space, to_vae_space
+from ..flux_sampler.sampling import TextConditioning, sample_flux
+from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
+from . import host
+
+logger = logging.getLogger(__name__)
+
+
+def flux_conditioning(conditioning, name: str, width: int) -> TextConditioning:
+    """Core CONDITIONING ([[t5_tokens, {"pooled_output": ...}]]) -> TextConditioning, checked."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{name} conditioning is empty: connect a text encode node")
+    if len(conditioning) > 1:
+        raise ValueError(f"{name} conditioning holds {len(conditioning)} prompts (Conditioning Combine?); "
+                         "FluxWorksSampler takes one prompt per input")
+    tokens, extras = conditioning[0]
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"{name} conditioning has no pooled_output: it was not made by a FLUX.1 text encoder")
+    if tokens.ndim != 3 or tokens.shape[-1] != width:
+        raise ValueError(f"{name} conditioning has T5 width {tokens.shape[-1]}, but the model expects {width}: "
+                         "the text encoders and the model do not belong together")
+    return TextConditioning(tokens, pooled)
+
+
+def checked_latent(latent: dict) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise ValueError("latent_image must be a LATENT with 4-D samples (batch, 16, height/8, width/8)")
+    if samples.shape[1] != LATENT_CHANNELS:
+        if samples.count_nonzero() == 0:  # a 4-channel EmptyLatentImage: widen, as core does
+            samples = torch.zeros(samples.shape[0], LATENT_CHANNELS, *samples.shape[2:], dtype=samples.dtype)
+        else:
+            raise ValueError(f"latent has {samples.shape[1]} channels; FLUX.1 latents have 16 "
+                             "(use EmptySD3LatentImage or VAEEncode with the FLUX.1 VAE)")
+    h, w = samples.shape[2:]
+    if h % 2 or w % 2:
+        raise ValueError(f"image size {w * 8}x{h * 8} is not a multiple of 16 in both width and height, "
+                         "which FLUX.1 needs (2x2 latent patches): pick e.g. "
+                         f"{(w // 2) * 16}x{(h // 2) * 16}")
+    return samples
+
+
+class FluxWorksSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (host.FLUX_MODEL,),
+                "positive": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 0, "max": 10000,
+                                  "tooltip": "dev: 20-50, schnell: 4."}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Distilled guidance (dev); replaced by a connected schedule."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                    "tooltip": "0 = auto (dev: resolution-dependent, schnell: none); "
+                                               "otherwise a constant SD3-style shift factor."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Below 1 keeps part of the input latent (img2img)."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "Used for true CFG inside the schedule's window."}),
+                "guidance_schedule": (host.FLUX_GUIDANCE,),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = "Samples FLUX.1 with scheduled distilled guidance and optional windowed true CFG."
+
+    def sample(self, model, positive, latent_image, seed: int, steps: int, guidance: float, shift: float,
+               denoise: float, negative=None, guidance_schedule: GuidanceCurve | None = None):
+        patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSampler")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if denoise <= 0:
+            raise ValueError("denoise is 0: nothing to sample (use a value in (0, 1])")
+        samples = checked_latent(latent_image)
+        flux = patcher.model
+        width = flux.config.joint_attention_dim
+        pos = flux_conditioning(positive, "positive", width)
+        neg = flux_conditioning(negative, "negative", width) if negative is not None else None
+        curve = guidance_schedule if guidance_schedule is not None else GuidanceCurve.constant(guidance)
+        if neg is not None and curve.cfg_scale == 1.0:
+            logger.info("FluxWorksSampler: negative prompt connected but cfg_scale is 1; it is not evaluated")
+        if shift > 0:
+            mu = shift_to_mu(shift)
+        elif flux.config.guidance_embeds:
+            mu = calculate_mu(image_seq_len(*samples.shape[2:]))
+        else:
+            mu = None
+        sigmas = get_sigmas(steps, mu, denoise)
+        noise = make_noise(samples.shape, seed)
+        device = host.load_on_device(patcher)
+        callback = self._progress(device, steps)
+        x, _ = sample_flux(flux.transformer, flux.config.guidance_embeds, pos, neg,
+                           to_model_space(samples.to(torch.float32)).to(device), noise.to(device),
+                           sigmas.to(device), curve, flux.compute_dtype, callback)
+        out = dict(latent_image)
+        out["samples"] = to_vae_space(x).to(mm.intermediate_device())
+        return (out,)
+
+    @staticmethod
+    def _progress(device: torch.device, steps: int):
+        """Per-step progress with latent previews; the progress hook is also ComfyUI's interrupt check."""
+        pbar = comfy.utils.ProgressBar(steps)
+        previewer = latent_preview.get_previewer(device, comfy.latent_formats.Flux())
+
+        def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", denoised) if previewer else None
+            pbar.update_absolute(step + 1, total, preview)
+            mm.throw_exception_if_processing_interrupted()
+
+        return callback
+
+
+NODE_CLASS_MAPPINGS = {"FluxWorksSampler": FluxWorksSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxWorksSampler": "FluxWorks Sampler"}

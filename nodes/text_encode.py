@@ -1,0 +1,54 @@
+"""FluxWorksTextEncode: prompt -> CONDITIONING in core's FLUX.1 layout (usable by core samplers too)."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management as mm
+
+from ..flux_models.text_encoders import encode
+from . import host
+
+logger = logging.getLogger(__name__)
+
+
+class FluxWorksTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (host.FLUX_TEXT_ENCODER,),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                      "tooltip": "Read by T5-XXL (and by CLIP-L when clip_prompt is empty)."}),
+                "clip_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                           "tooltip": "Optional separate prompt for CLIP-L (77 tokens)."}),
+                "max_sequence_length": (["512", "256"], {
+                    "default": "512", "tooltip": "T5 tokens: dev was trained with 512, schnell with 256."}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = "Encodes a prompt with T5-XXL + CLIP-L; longer prompts are truncated with a warning."
+
+    def encode(self, text_encoder, prompt: str, clip_prompt: str, max_sequence_length: str):
+        te = host.expect(text_encoder, host.FLUX_TEXT_ENCODER, "FluxWorksTextEncode")
+        if str(max_sequence_length) not in ("256", "512"):
+            raise ValueError(f"max_sequence_length must be 256 or 512, got {max_sequence_length!r}")
+        device = host.load_on_device(te)
+        holder = te.model
+        result = encode(holder.t5, holder.clip, holder.tokenizers, prompt, clip_prompt or None,
+                        int(max_sequence_length), device)
+        if result.t5_dropped_tokens:
+            logger.warning("FluxWorksTextEncode: prompt truncated to %s T5 tokens (%d tokens dropped)",
+                           max_sequence_length, result.t5_dropped_tokens)
+        if result.clip_dropped_tokens:
+            logger.warning("FluxWorksTextEncode: CLIP-L prompt truncated to 77 tokens (%d tokens dropped)",
+                           result.clip_dropped_tokens)
+        out = mm.intermediate_device()
+        return ([[result.t5_embeds.to(out), {"pooled_output": result.clip_pooled.to(out)}]],)
+
+
+NODE_CLASS_MAPPINGS = {"FluxWorksTextEncode": FluxWorksTextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxWorksTextEncode": "FluxWorks Text Encode"}
