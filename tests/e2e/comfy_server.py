@@ -1,0 +1,199 @@
+"""A real ComfyUI server for end-to-end tests, and a small HTTP + websocket client for it.
+
+The server runs the host's own `main.py` on 127.0.0.1 with the pack linked into custom_nodes, reads models
+from a temporary models tree (extra_model_paths.yaml) and writes into temporary folders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import websocket
+from PIL import Image
+
+from tests.paths import PYTHON, comfyui_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    messages: list[dict]  # websocket JSON messages for this prompt, in order
+    outputs: dict  # /history outputs
+    status: str  # "success", "error" or "interrupted"
+
+    def error(self) -> dict:
+        for m in self.messages:
+            if m["type"] == "execution_error":
+                return m["data"]
+        raise AssertionError(f"prompt {self.prompt_id} had no execution_error: status {self.status}")
+
+
+@dataclass
+class ComfyServer:
+    root: str  # temporary folder holding models/, input/, output/, temp/, user/
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def models_dir(self) -> str:
+        return os.path.join(self.root, "models")
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(self.root, "output")
+
+    @property
+    def input_dir(self) -> str:
+        return os.path.join(self.root, "input")
+
+    def start(self, timeout: float = 180.0) -> None:
+        for sub in ("models", "input", "output", "temp", "user"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        config = os.path.join(self.root, "extra_model_paths.yaml")
+        folders = ("diffusion_models", "text_encoders", "vae", "loras", "controlnet", "checkpoints")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write("fluxworks_tests:\n    base_path: " + self.models_dir + "\n")
+            for name in folders:
+                f.write(f"    {name}: {name}\n")
+        self.log_path = os.path.join(self.root, "server.log")
+        cmd = [
+            PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--extra-model-paths-config", config, "--disable-auto-launch",
+            "--output-directory", self.output_dir, "--input-directory", self.input_dir,
+            "--temp-directory", os.path.join(self.root, "temp"),
+            "--user-directory", os.path.join(self.root, "user"),
+            "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
+        ]
+        log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get_json("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post_json(self, path: str, body: dict) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def interrupt(self) -> None:
+        self.post_json("/interrupt", {})
+
+    def view_image(self, image: dict) -> Image.Image:
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=30) as r:
+            return Image.open(io.BytesIO(r.read())).copy()
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def queue(self, prompt: dict, client_id: str) -> str:
+        status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
+        if status != 200:
+            raise PromptRejected(status, body)
+        return body["prompt_id"]
+
+    def run(self, prompt: dict, timeout: float = 300.0, on_message=None) -> PromptResult:
+        """Queue `prompt`, follow the websocket until it finishes, return messages and /history outputs.
+
+        `on_message(server, message)` is called for each JSON message of this prompt (e.g. to interrupt).
+        """
+        client_id = uuid.uuid4().hex
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=timeout)
+        try:
+            prompt_id = self.queue(prompt, client_id)
+            messages: list[dict] = []
+            status = ""
+            deadline = time.monotonic() + timeout
+            while not status:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+                raw = ws.recv()
+                if isinstance(raw, bytes):  # binary preview frames
+                    messages.append({"type": "binary_preview", "data": {"size": len(raw)}})
+                    continue
+                msg = json.loads(raw)
+                if msg.get("data", {}).get("prompt_id") not in (None, prompt_id):
+                    continue
+                messages.append(msg)
+                if on_message is not None:
+                    on_message(self, msg)
+                kind = msg["type"]
+                if kind == "execution_success":
+                    status = "success"
+                elif kind == "execution_error":
+                    status = "error"
+                elif kind == "execution_interrupted":
+                    status = "interrupted"
+        finally:
+            ws.close()
+        history = {}
+        for _ in range(50):  # history is written right after the last message
+            history = self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
+            if history:
+                break
+            time.sleep(0.1)
+        return PromptResult(prompt_id, messages, history.get("outputs", {}), status)
+
+    def images(self, result: PromptResult) -> list[Image.Image]:
+        return [self.view_image(img) for out in result.outputs.values() for img in out.get("images", [])]
+
+
+class PromptRejected(Exception):
+    """POST /prompt answered with an error (validation failed before execution)."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        super().__init__(f"HTTP {status}: {json.dumps(body)[:2000]}")
+        self.status = status
+        self.body = body
