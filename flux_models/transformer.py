@@ -109,6 +109,7 @@ def _describe_non_flux(state: dict[str, torch.Tensor]) -> str:
         ("encoder.block.", "a T5 text encoder (it belongs in models/text_encoders)"),
         ("text_model.encoder", "a CLIP text encoder (it belongs in models/text_encoders)"),
         ("decoder.conv_in", "a VAE (it belongs in models/vae)"),
+        ("taesd_decoder", "a tiny VAE (taesd/taef1; it belongs in models/vae)"),
         ("controlnet", "a ControlNet (it belongs in models/controlnet)"),
     ]
     for needle, what in hints:
