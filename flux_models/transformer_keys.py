@@ -104,7 +104,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 suffix = rest.rsplit(".", 1)[1]
                 names = ("to_q", "to_k", "to_v") if rest.startswith("img") else (
                     "add_q_proj", "add_k_proj", "add_v_proj")
-                for name, part in zip(names, _split(value, [hidden] * 3)):
+                for name, part in zip(names, _split(value, [hidden] * 3), strict=True):
                     out[f"{base}attn.{name}.{suffix}"] = part
                 continue
             name = _rename(_DOUBLE_RENAMES, rest)

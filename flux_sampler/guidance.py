@@ -7,9 +7,9 @@ Progress of step i of n is i / (n - 1): the first step sees the curve's start, t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from dataclasses import dataclass
 
 CURVE_SHAPES = ("constant", "linear", "cosine", "exponential", "step")
 

@@ -7,7 +7,8 @@ ROOT=$(pwd)
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 HOST=${COMFYUI_PATH:-$ROOT/.comfyui}
-STAMP=$VENV/.fluxworks-setup-v1
+STAMP=$VENV/.fluxworks-setup
+WANT=$(cat requirements.txt requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -c1-16)
 
 if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
@@ -29,13 +30,22 @@ if [ ! -d "$HOST/comfy" ]; then
   rm -rf "$tmp"
 fi
 
-if [ ! -f "$STAMP" ]; then
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
   # torchaudio has no release for this torch pin; ComfyUI only disables its audio nodes without it.
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$HOST/requirements.txt" > "$VENV/comfy-requirements.txt"
   "${PIP[@]}" -r "$VENV/comfy-requirements.txt"
   "${PIP[@]}" -r requirements.txt -r requirements-dev.txt
-  touch "$STAMP"
+  echo "$WANT" > "$STAMP"
+fi
+
+# Browser tests drive Debian's Chromium (never a downloaded browser build).
+if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "browser tests need /usr/bin/chromium: sudo apt-get install chromium" >&2; exit 1
+  fi
 fi
 
 # Link the pack into the host's custom_nodes.
