@@ -1,0 +1,94 @@
+"""Each speed mode computes the same function as eager on tiny weights, within its stated tolerance."""
+
+import copy
+
+import pytest
+import torch
+
+from devtools.tiny_models import random_flux
+from flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
+from flux_sampler.latents import make_noise
+from flux_speed.fp8_linear import Fp8Linear, quantize_transformer_linears
+from flux_speed.offload import BlockOffloader
+from flux_speed.runner import FluxRunner
+from flux_speed.step_cache import StepCacheConfig
+from tests.parity.conftest import rel_err
+
+SHAPE, STEPS = (2, 16, 8, 8), 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_flux("dev", 0)
+
+
+@pytest.fixture(scope="module")
+def cond():
+    torch.manual_seed(1)
+    return TextConditioning(torch.randn(1, 10, 64), torch.randn(1, 64))
+
+
+def sample(model_or_runner, cond, negative=None, curve=None):
+    sigmas = get_sigmas(STEPS, 0.9)
+    if isinstance(model_or_runner, FluxRunner):
+        model_or_runner.begin(sigmas)
+    x, den = sample_flux(model_or_runner, True, cond, negative, torch.zeros(SHAPE), make_noise(SHAPE, 4), sigmas,
+                         curve or GuidanceCurve.constant(3.5))
+    return x
+
+
+def test_runner_without_cache_equals_the_diffusers_forward(model, cond):
+    assert torch.equal(sample(FluxRunner(model), cond), sample(model, cond))
+
+
+def test_cache_with_threshold_zero_is_exact(model, cond):
+    runner = FluxRunner(model, StepCacheConfig(threshold=0.0))
+    assert torch.equal(sample(runner, cond), sample(model, cond))
+    assert runner.cache_state.hits == 0 and runner.cache_state.misses == STEPS
+
+
+def test_cache_skips_steps_inside_its_window_and_stays_close(model, cond):
+    runner = FluxRunner(model, StepCacheConfig(threshold=0.5, start_percent=0.2, end_percent=0.8, max_consecutive=2))
+    cached = sample(runner, cond)
+    state = runner.cache_state
+    assert state.hits > 0 and state.hits + state.misses == STEPS
+    assert state.hits <= 4  # only steps with progress in [0.2, 0.8] may reuse
+    assert rel_err(cached, sample(model, cond)) < 0.1
+
+
+def test_cache_keeps_positive_and_negative_streams_apart(model, cond):
+    torch.manual_seed(2)
+    negative = TextConditioning(torch.randn(1, 10, 64), torch.randn(1, 64))
+    curve = GuidanceCurve(cfg_scale=2.0)
+    runner = FluxRunner(model, StepCacheConfig(threshold=0.0))
+    assert torch.equal(sample(runner, cond, negative, curve), sample(model, cond, negative, curve))
+    assert len(runner.cache_state.streams) == 2
+
+
+def test_fp8_linear_matches_linear_within_fp8_precision():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384)
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        assert rel_err(Fp8Linear(linear, torch.float32)(x), linear(x)) < 0.06
+
+
+def test_fp8_transformer_stays_close_to_eager(model, cond):
+    fast = copy.deepcopy(model)
+    assert quantize_transformer_linears(fast, torch.float32) > 0
+    assert rel_err(sample(fast, cond), sample(model, cond)) < 0.1
+
+
+def test_block_offload_computes_the_same(model, cond):
+    offloaded = copy.deepcopy(model)
+    blocks = list(offloaded.transformer_blocks) + list(offloaded.single_transformer_blocks)
+    runner = FluxRunner(offloaded, offloader=BlockOffloader(blocks, torch.device("cpu"), resident=1))
+    assert torch.equal(sample(runner, cond), sample(model, cond))
+
+
+def test_compiled_blocks_compute_the_same(model, cond):
+    from flux_speed.compile import compile_blocks
+
+    compiled = copy.deepcopy(model)
+    compile_blocks(compiled)
+    assert rel_err(sample(FluxRunner(compiled), cond), sample(model, cond)) < 1e-5
