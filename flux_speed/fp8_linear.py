@@ -49,19 +49,54 @@ class Fp8Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.dtype, min_features: int = 1) -> int:
-    """Swap the large linears of the repeated blocks for Fp8Linear (modulation and embedders stay wide:
-    their inputs are one row per image, where fp8 saves nothing). Returns how many were swapped."""
+class Fp8WeightLinear(torch.nn.Module):
+    """fp8 storage only, for the modulation linears: one input row per image, so the product is memory-bound
+    and fp8 tensor cores would not help, but keeping the weight in fp8 halves its memory."""
+
+    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        weight, scale = quantize_rows(linear.weight.detach())
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale.contiguous())  # (N, 1)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(
+            linear.bias.detach().to(out_dtype), requires_grad=False)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight.to(self.out_dtype) * self.weight_scale.to(self.out_dtype))
+        return torch.nn.functional.linear(x.to(self.out_dtype), weight, self.bias)
+
+
+def fuse_attention_projections(transformer: torch.nn.Module) -> None:
+    """Fuse q/k/v (and the text stream's q/k/v) into one linear each with diffusers' own fusion, then drop
+    the separate copies so the weights are not held twice."""
+    for module in transformer.modules():
+        if hasattr(module, "fuse_projections") and getattr(module, "_supports_qkv_fusion", False):
+            module.fuse_projections()
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                if isinstance(getattr(module, name, None), torch.nn.Linear):
+                    delattr(module, name)
+
+
+def _replace(block: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
+
+
+def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.dtype, fuse_qkv: bool = True) -> int:
+    """Swap the linears of the repeated blocks for fp8 ones: token-wise products get fp8 matmul
+    (Fp8Linear), the per-image modulation linears fp8 storage (Fp8WeightLinear). With `fuse_qkv`, q/k/v are
+    first fused into one projection (diffusers' fused path), so one activation quantisation feeds one
+    larger GEMM. Returns how many linears were swapped."""
+    if fuse_qkv:
+        fuse_attention_projections(transformer)
     swapped = 0
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
         for block in blocks:
             for name, module in list(block.named_modules()):
-                if not isinstance(module, torch.nn.Linear) or "norm" in name:
+                if not isinstance(module, torch.nn.Linear):
                     continue
-                if min(module.in_features, module.out_features) < min_features:
-                    continue
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, Fp8Linear(module, out_dtype))
+                wrapper = Fp8WeightLinear if "norm" in name else Fp8Linear
+                _replace(block, name, wrapper(module, out_dtype))
                 swapped += 1
     return swapped

@@ -47,6 +47,7 @@ class StepCacheState:
     streams: dict[tuple, _Stream] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    changes: list[float] = field(default_factory=list)  # measured first-block change per compared step
 
     def stream(self, key: tuple) -> _Stream:
         return self.streams.setdefault(key, _Stream())
@@ -59,8 +60,9 @@ class StepCacheState:
                 or s.first_residual.shape != first_residual.shape):
             return False
         prev = s.first_residual
-        change = (first_residual - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-        return bool(change < cfg.threshold)
+        change = float((first_residual - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        self.changes.append(change)
+        return change < cfg.threshold
 
     def record_hit(self, key: tuple) -> None:
         s = self.stream(key)

@@ -92,3 +92,18 @@ def test_compiled_blocks_compute_the_same(model, cond):
     compiled = copy.deepcopy(model)
     compile_blocks(compiled)
     assert rel_err(sample(FluxRunner(compiled), cond), sample(model, cond)) < 1e-5
+
+
+def test_prepared_runner_leaves_the_loaded_model_untouched(model, cond):
+    from flux_speed.prepare import SpeedOptions, prepare_runner
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = prepare_runner(model, SpeedOptions(fp8_matmul=True, attention="math", cache=StepCacheConfig(0.0)),
+                            torch.device("cpu"), torch.float32)
+    assert runner.transformer is not model
+    assert torch.equal(sample(runner, cond), sample(model, cond))  # fp8 needs a GPU: exact fallback here
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    original = [getattr(m.processor, "_attention_backend", None) for m in model.modules() if hasattr(m, "processor")]
+    cloned = [getattr(m.processor, "_attention_backend", None) for m in runner.transformer.modules()
+              if hasattr(m, "processor")]
+    assert set(original) == {None} and set(cloned) == {"_native_math"}

@@ -1,0 +1,376 @@
+"""FluxWorks speed benchmark: our sampler path in each speed mode next to diffusers eager and ComfyUI native,
+in one run on one card, on the full FLUX.1 architecture with random weights initialised on the GPU.
+
+Usage (repo root): python bench/speed_bench.py [--tiny] [--steps 28] [--res 1024] [--comfy .comfy] [--out DIR]
+--tiny runs a 1+1-block model on the CPU to check the script. Prints one JSON line per finished section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from flux_sampler.latents import make_noise, to_vae_space, unpack
+from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
+from flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
+from flux_speed.offload import BlockOffloader
+from flux_speed.runner import FluxRunner
+from flux_speed.step_cache import StepCacheConfig
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--tiny", action="store_true")
+ap.add_argument("--steps", type=int, default=28)
+ap.add_argument("--res", type=int, default=1024)
+ap.add_argument("--comfy", default=".comfy")
+ap.add_argument("--out", default=os.environ.get("OUT", "."))
+ap.add_argument("--skip-comfy-compile", action="store_true")
+ap.add_argument("--sections", default="all")
+args = ap.parse_args()
+DEV = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32
+R: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+           "steps": args.steps, "res": args.res, "date": time.strftime("%Y-%m-%d")}
+SECTIONS = set(args.sections.split(","))
+
+
+def want(name: str) -> bool:
+    return "all" in SECTIONS or name in SECTIONS
+
+
+def emit() -> None:
+    print(json.dumps(R), flush=True)  # noqa: T201 - a benchmark script reports on stdout
+    with open(os.path.join(args.out, "flux_speed.json"), "w") as f:
+        json.dump(R, f, indent=1)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0
+
+
+def reset_peak() -> None:
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free() -> None:
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+FLUX_CFG = dict(guidance_embeds=True)
+TXT, POOL = 4096, 768
+if args.tiny:
+    FLUX_CFG.update(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=2,
+                    joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(16, 56, 56))
+    TXT, POOL = 32, 16
+
+
+def new_flux(variant: str = "dev"):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        return FluxTransformer2DModel(**{**FLUX_CFG, "guidance_embeds": variant == "dev"}).to(DT).eval()
+
+
+torch.manual_seed(1)
+EMBEDS = torch.randn(1, 512, TXT, device=DEV, dtype=DT)
+POOLED = torch.randn(1, POOL, device=DEV, dtype=DT)
+LAT = args.res // 8
+
+
+def ours(model, steps: int, batch: int = 1, guidance_embeds: bool = True, curve=None):
+    """Our sampler path (what FluxWorksSampler runs), returning (ms/step, final raw latent)."""
+    shape = (batch, 16, LAT, LAT)
+    mu = calculate_mu((LAT // 2) ** 2) if guidance_embeds else None
+    sigmas = get_sigmas(steps, mu).to(DEV)
+    if isinstance(model, FluxRunner):
+        model.begin(sigmas)
+    noise = make_noise(shape, 42).to(DEV)
+    sync()
+    t = time.perf_counter()
+    x, _ = sample_flux(model, guidance_embeds, TextConditioning(EMBEDS, POOLED), None, torch.zeros(shape, device=DEV),
+                       noise, sigmas, curve or GuidanceCurve.constant(3.5), DT)
+    sync()
+    return round((time.perf_counter() - t) / steps * 1000, 2), to_vae_space(x)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float((a.double() - b.double()).norm() / b.double().norm()), 5)
+
+
+def timed(tag: str, model, reference=None, warm_steps: int = 2, **kw):
+    try:
+        return _timed(tag, model, reference, warm_steps, **kw)
+    except Exception as e:  # noqa: BLE001 - a failed mode is recorded and the run goes on
+        R[tag + "_error"] = repr(e)[:400]
+        emit()
+        return None
+
+
+def _timed(tag: str, model, reference=None, warm_steps: int = 2, **kw):
+    t = time.perf_counter()
+    ours(model, warm_steps, **kw)
+    R[tag + "_warmup_s"] = round(time.perf_counter() - t, 1)
+    reset_peak()
+    ms, lat = ours(model, args.steps, **kw)
+    R[tag + "_ms_per_step"] = ms
+    R[tag + "_peak_gib"] = peak()
+    if reference is not None:
+        R[tag + "_rel_err_vs_bf16"] = rel(lat, reference)
+    emit()
+    return lat
+
+
+if DEV == "cuda":
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    R["bf16_matmul_tflops"] = round(10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12, 1)
+    del a, b
+
+# --- diffusers eager and our eager path (same weights) -------------------------------------------------
+flux = new_flux()
+R["params_B"] = round(sum(p.numel() for p in flux.parameters()) / 1e9, 3)
+if want("diffusers"):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=flux)
+    pipe.set_progress_bar_config(disable=True)
+
+    from flux_sampler.latents import pack
+
+    start = pack(make_noise((1, 16, LAT, LAT), 42)).to(DEV, DT)  # the same noise our path starts from
+
+    def run_pipe(steps):
+        return pipe(prompt_embeds=EMBEDS, pooled_prompt_embeds=POOLED, height=args.res, width=args.res,
+                    num_inference_steps=steps, guidance_scale=3.5, output_type="latent", latents=start).images
+
+    run_pipe(2)
+    reset_peak()
+    sync()
+    t = time.perf_counter()
+    d_lat = run_pipe(args.steps)
+    sync()
+    R["diffusers_eager_ms_per_step"] = round((time.perf_counter() - t) / args.steps * 1000, 2)
+    R["diffusers_eager_peak_gib"] = peak()
+    d_lat = to_vae_space(unpack(d_lat.float(), LAT, LAT))
+    del pipe
+    emit()
+
+REF = timed("ours_eager_bf16", FluxRunner(flux))
+if want("diffusers"):
+    R["ours_eager_vs_diffusers_rel_err"] = rel(REF, d_lat)
+backend = best_attention_backend(torch.device(DEV))
+R["attention_backend"] = backend
+set_attention_backend(flux, backend)
+timed("ours_bf16_attn", FluxRunner(flux), REF)
+
+def comfy_section() -> None:
+    """ComfyUI native (carried 0.3.75 source), same architecture and size, in this same process."""
+    base = new_flux()
+    sd = {k: v.to("cpu") for k, v in base.state_dict().items()}
+    del base
+    free()
+    sys.argv = [sys.argv[0]] + ([] if DEV == "cuda" else ["--cpu"])
+    sys.path.insert(0, os.path.abspath(args.comfy))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+
+    def run_comfy(model, steps):
+        lat = torch.zeros(1, 16, LAT, LAT)
+        noise = comfy.sample.prepare_noise(lat, 42)
+        pos = [[EMBEDS.cpu(), {"pooled_output": POOLED.cpu(), "guidance": 3.5}]]
+        neg = [[torch.zeros_like(EMBEDS.cpu()), {"pooled_output": torch.zeros_like(POOLED.cpu())}]]
+        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", pos, neg, lat, disable_pbar=True)
+
+    configs = [("comfy_bf16", {}, False),
+               ("comfy_fp8_fast", {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}, False)]
+    if not args.skip_comfy_compile:
+        configs.append(("comfy_fp8_fast_compiled", {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}, True))
+    for tag, opts, compiled in configs:
+        try:
+            t = time.perf_counter()
+            m = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+            if compiled:
+                m = m.clone()
+                m.add_object_patch("diffusion_model", torch.compile(m.get_model_object("diffusion_model")))
+            run_comfy(m, 2)
+            R[tag + "_warmup_s"] = round(time.perf_counter() - t, 1)
+            reset_peak()
+            sync()
+            t = time.perf_counter()
+            run_comfy(m, args.steps)
+            sync()
+            R[tag + "_ms_per_step"] = round((time.perf_counter() - t) / args.steps * 1000, 2)
+            R[tag + "_peak_gib"] = peak()
+            del m
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
+        except Exception as e:  # noqa: BLE001 - a failed baseline is recorded, the run goes on
+            R[tag + "_error"] = repr(e)[:300]
+        emit()
+
+
+
+# --- regional compile ---------------------------------------------------------------------------------
+if want("compile"):
+    compile_blocks(flux)
+    timed("ours_bf16_attn_compile", FluxRunner(flux), REF)
+    if want("cache"):
+        runner = FluxRunner(flux, StepCacheConfig(threshold=0.0))
+        ours(runner, args.steps)
+        changes = sorted(runner.cache_state.changes)
+        R["first_block_change_per_step"] = {"min": round(changes[0], 4), "median": round(changes[len(changes) // 2], 4),
+                                            "max": round(changes[-1], 4)} if changes else {}
+        runner = None
+        emit()
+
+# --- fp8 matmul -----------------------------------------------------------------------------------------
+fp8_ok = fp8_matmul_supported(torch.device(DEV)) or args.tiny
+if want("fp8") and fp8_ok:
+    fast = copy.deepcopy(flux) if args.tiny else flux
+    if not args.tiny:
+        runner = None
+        del flux
+        free()
+        fast = new_flux()
+        set_attention_backend(fast, backend)
+    t = time.perf_counter()
+    R["fp8_linears"] = quantize_transformer_linears(fast, DT)
+    R["fp8_quantize_s"] = round(time.perf_counter() - t, 1)
+    free()
+    timed("ours_fp8_attn", FluxRunner(fast), REF)
+    compile_blocks(fast)
+    timed("ours_fp8_attn_compile", FluxRunner(fast), REF)
+    for thr in (0.1, 0.3, 0.6):
+        runner = FluxRunner(fast, StepCacheConfig(threshold=thr, start_percent=0.1, end_percent=0.9,
+                                                  max_consecutive=3))
+        timed(f"ours_fp8_compile_cache{thr}", runner, REF, warm_steps=3)
+        R[f"ours_fp8_compile_cache{thr}_hits"] = runner.cache_state.hits
+        emit()
+    if want("comfy") and os.path.isdir(args.comfy):
+        comfy_section()
+    if want("batch"):
+        for batch in (1, 2, 4):
+            ms, _ = ours(FluxRunner(fast), 2, batch=batch)
+            ms, _ = ours(FluxRunner(fast), args.steps, batch=batch)
+            R[f"ours_fp8_compile_batch{batch}_images_per_s"] = round(1000 / (ms * args.steps) * batch, 3)
+            emit()
+    if want("memory") and DEV == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        for cap in (16, 8):
+            free()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+            runner = FluxRunner(fast)
+            if cap == 8:
+                blocks = list(fast.transformer_blocks) + list(fast.single_transformer_blocks)
+                sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
+                block_ids = {id(t) for b in blocks for t in b.parameters()}
+                other = sum(t.numel() * t.element_size() for t in fast.parameters() if id(t) not in block_ids)
+                budget = cap * 2**30 - other - 3.0 * 2**30 - 3 * max(sizes)  # activations + streamed blocks
+                resident = 0
+                while resident < len(sizes) and sum(sizes[: resident + 1]) <= budget:
+                    resident += 1
+                runner = FluxRunner(fast, offloader=BlockOffloader(blocks, torch.device(DEV), resident=resident))
+                R["offload_resident_blocks"] = resident
+            try:
+                timed(f"ours_fp8_cap{cap}gib", runner, REF)
+            except torch.OutOfMemoryError as e:
+                R[f"ours_fp8_cap{cap}gib_error"] = str(e)[:200]
+                emit()
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        fast.to(DEV)
+    del fast
+free()
+
+# --- schnell end to end: text encode + 4 steps + VAE decode ------------------------------------------------
+if want("e2e"):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from flux_models.text_encoders import Tokenizers, encode
+
+    comfy_dir = os.path.join(args.comfy, "comfy")
+    tok = Tokenizers.from_folders(os.path.join(comfy_dir, "sd1_tokenizer"),
+                                  os.path.join(comfy_dir, "text_encoders", "t5_tokenizer"))
+    t5_cfg = (dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64) if not args.tiny
+              else dict(d_model=TXT, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    clip_cfg = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+                if not args.tiny else dict(hidden_size=POOL, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=1))
+    with torch.device(DEV):
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                     **t5_cfg)).to(DT).eval()
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                                            **clip_cfg)).to(DT).eval()
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, scaling_factor=0.3611,
+                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).to(DT).eval()
+    schnell = new_flux("schnell")
+    set_attention_backend(schnell, backend)
+    if fp8_ok:
+        quantize_transformer_linears(schnell, DT)
+    compile_blocks(schnell)
+    runner = FluxRunner(schnell)
+
+    @torch.no_grad()
+    def generate():
+        enc = encode(t5, clip, tok, "a photo of a red fox in the snow", None, 256, torch.device(DEV))
+        shape = (1, 16, LAT, LAT)
+        sigmas = get_sigmas(4, None).to(DEV)
+        runner.begin(sigmas)
+        x, _ = sample_flux(runner, False, TextConditioning(enc.t5_embeds.to(DT), enc.clip_pooled.to(DT)), None,
+                           torch.zeros(shape, device=DEV), make_noise(shape, 1).to(DEV), sigmas,
+                           GuidanceCurve.constant(0.0), DT)
+        return vae.decode(to_vae_space(x).to(DT), return_dict=False)[0]
+
+    for _ in range(2):
+        generate()
+    times = []
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        image = generate()
+        sync()
+        times.append(time.perf_counter() - t)
+    R["schnell_e2e_4steps_s"] = round(sorted(times)[len(times) // 2], 3)
+    R["schnell_e2e_image_shape"] = list(image.shape)
+    del t5, clip, vae, schnell, runner
+    free()
+    emit()
+
+best = min((v, k) for k, v in R.items() if k.startswith("ours_") and k.endswith("_ms_per_step"))
+R["best_ours"] = best[1]
+if "comfy_bf16_ms_per_step" in R:
+    R["speedup_vs_comfy_bf16"] = {k[: -len("_ms_per_step")]: round(R["comfy_bf16_ms_per_step"] / v, 2)
+                                  for k, v in R.items() if k.startswith("ours_") and k.endswith("_ms_per_step")}
+emit()

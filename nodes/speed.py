@@ -1,0 +1,77 @@
+"""FluxWorksSpeed (compile, fp8 matmul, attention backend) and FluxWorksStepCache (first-block cache)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..flux_speed.prepare import ATTENTION_CHOICES, SpeedOptions
+from ..flux_speed.step_cache import StepCacheConfig
+from . import host
+
+OPTIONS_KEY = "fluxworks_speed"
+_PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
+
+
+def speed_options(patcher) -> SpeedOptions:
+    """The options a FLUX_MODEL carries (defaults: best attention backend, nothing lossy)."""
+    return patcher.model_options.get("transformer_options", {}).get(OPTIONS_KEY, SpeedOptions())
+
+
+def with_options(patcher, options: SpeedOptions):
+    out = patcher.clone()
+    out.model_options.setdefault("transformer_options", {})
+    out.model_options["transformer_options"] = {**out.model_options["transformer_options"], OPTIONS_KEY: options}
+    return out
+
+
+class FluxWorksSpeed:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (host.FLUX_MODEL,),
+            "compile": ("BOOLEAN", {"default": True, "tooltip": "Regional torch.compile of the repeated blocks "
+                                    "(GPU; the first run compiles, later prompts reuse it)."}),
+            "fp8_matmul": ("BOOLEAN", {"default": False, "tooltip": "fp8 tensor-core matmul on Ada/Hopper GPUs: "
+                                       "faster, small numeric change (see docs/performance.md)."}),
+            "attention": (list(ATTENTION_CHOICES), {"default": "auto",
+                                                     "tooltip": "auto: cuDNN attention on NVIDIA GPUs."}),
+        }}
+
+    RETURN_TYPES = (host.FLUX_MODEL,)
+    FUNCTION = "apply"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
+
+    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str):
+        patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
+        options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention)
+        return (with_options(patcher, options),)
+
+
+class FluxWorksStepCache:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (host.FLUX_MODEL,),
+            "threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
+                                    "tooltip": "Reuse the previous step's deep-block residual when the first block "
+                                               "changed less than this (relative). 0 = off."}),
+            "start_percent": ("FLOAT", {"default": 0.1, **_PERCENT}),
+            "end_percent": ("FLOAT", {"default": 0.9, **_PERCENT}),
+            "max_consecutive": ("INT", {"default": 3, "min": 1, "max": 100}),
+        }}
+
+    RETURN_TYPES = (host.FLUX_MODEL,)
+    FUNCTION = "apply"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = "First-block step cache: skips most of the network on steps that change little."
+
+    def apply(self, model, threshold: float, start_percent: float, end_percent: float, max_consecutive: int):
+        patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksStepCache")
+        cache = StepCacheConfig(threshold, start_percent, end_percent, max_consecutive)
+        return (with_options(patcher, replace(speed_options(patcher), cache=cache)),)
+
+
+NODE_CLASS_MAPPINGS = {"FluxWorksSpeed": FluxWorksSpeed, "FluxWorksStepCache": FluxWorksStepCache}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxWorksSpeed": "FluxWorks Speed (compile / fp8 / attention)",
+                              "FluxWorksStepCache": "FluxWorks Step Cache"}
