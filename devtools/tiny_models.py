@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from flux_models.transformer_keys import bfl_to_diffusers
 
-# Head width 128 and RoPE axes (16, 56, 56) as in FLUX.1, so ComfyUI core's own loader accepts the files.
+# Head width 128 and RoPE axes (16, 56, 56) as in FLUX.1. ComfyUI core's loader also assumes 24 heads (width
+# 3072), so core nodes need a full-width file (tests/e2e/workflows.py writes a one-block one).
 TINY_FLUX = dict(
     num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=2,
     joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(16, 56, 56),
@@ -157,6 +158,13 @@ def write_vae(path: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     vae = TinyAutoencoder()
+    with torch.no_grad():  # PyTorch's default conv init shrinks activations to ~0 over 40 layers: keep them alive
+        for module in vae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                module.weight.mul_(0.7)
+                if module.bias is not None:
+                    module.bias.zero_()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, path)
     return path

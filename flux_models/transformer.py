@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from . import files
-from .dtypes import dequantize_scaled_fp8, storage_and_compute
+from .dtypes import dequantize_scaled_fp8, is_fp8, storage_and_compute
+from .fp8_storage import keep_linear_weights_in
 from .transformer_keys import bfl_to_diffusers, detect_layout, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -171,9 +172,11 @@ def load_flux_transformer(path: str, weight_dtype: str, default_compute: torch.d
     axes = folder_config.get("axes_dims_rope")
     config = infer_config(state, tuple(axes) if axes else None)
     storage, compute = storage_and_compute(weight_dtype, weight_file_dtype(state), default_compute)
+    fp8_in_file = {k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and is_fp8(v.dtype)}
     model = build_transformer(state, config, compute)
     if storage != compute:
-        model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+        chosen = fp8_in_file if weight_dtype == "default" else None
+        keep_linear_weights_in(model, storage, compute, only=chosen)
     logger.info(
         "loaded FLUX.1-%s from %s: %d double + %d single blocks, width %d, storage %s, compute %s",
         config.variant, path, config.num_layers, config.num_single_layers,

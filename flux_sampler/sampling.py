@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .control import ControlResiduals, StepControl, residual_kwargs, with_concat_latent
 from .guidance import GuidanceCurve, step_progress
 from .latents import make_img_ids, pack, unpack
 
@@ -42,6 +43,8 @@ class FluxDenoiser:
 
     Applies the guidance curve per step (distilled guidance embedding, when the model has one) and true
     CFG with the negative prompt inside the curve's window. `forward_calls` counts transformer evaluations.
+    Optional `controls` add ControlNet residuals each step; `concat_latent` (B|1, 16, H, W, model space) is
+    appended to the image tokens for BFL's structural (Canny/Depth-dev) models.
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class FluxDenoiser:
         steps: int,
         guidance_embeds: bool,
         compute_dtype: torch.dtype | None = None,
+        controls: StepControl | None = None,
+        concat_latent: torch.Tensor | None = None,
     ) -> None:
         self.transformer = transformer
         self.positive = positive
@@ -63,18 +68,20 @@ class FluxDenoiser:
         self.compute_dtype = compute_dtype or next(transformer.parameters()).dtype
         self.forward_calls = 0
         self.guidance_history: list[float] = []
+        self.controls = controls
+        self.concat_latent = concat_latent
 
-    def model_velocity(
+    def transformer_inputs(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: TextConditioning, guidance: float
-    ) -> torch.Tensor:
-        """One transformer evaluation: pack, run, unpack; returns float32 (B, 16, H, W)."""
+    ) -> dict[str, torch.Tensor | None]:
+        """The diffusers keyword inputs for one evaluation on (B, 16, H, W) latents, without control."""
         b, _, h, w = x.shape
         device = next(self.transformer.parameters()).device
         dtype = self.compute_dtype
         cond = cond.for_batch(b)
         txt = cond.embeds.to(device=device, dtype=dtype)
         ids_dtype = torch.float32
-        out = self.transformer(
+        return dict(
             hidden_states=pack(x.to(device=device, dtype=dtype)),
             encoder_hidden_states=txt,
             pooled_projections=cond.pooled.to(device=device, dtype=dtype),
@@ -84,8 +91,17 @@ class FluxDenoiser:
             ),
             txt_ids=torch.zeros(txt.shape[1], 3, device=device, dtype=ids_dtype),
             img_ids=make_img_ids(h, w, device, ids_dtype),
-            return_dict=False,
-        )[0]
+        )
+
+    def model_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: TextConditioning, guidance: float,
+        residuals: ControlResiduals | None = None,
+    ) -> torch.Tensor:
+        """One transformer evaluation: pack, run, unpack; returns float32 (B, 16, H, W)."""
+        _, _, h, w = x.shape
+        inputs = self.transformer_inputs(x, sigma, cond, guidance)
+        inputs["hidden_states"] = with_concat_latent(inputs["hidden_states"], self.concat_latent)
+        out = self.transformer(**inputs, **residual_kwargs(residuals), return_dict=False)[0]
         self.forward_calls += 1
         return unpack(out, h, w).to(device=x.device, dtype=torch.float32)
 
@@ -93,10 +109,14 @@ class FluxDenoiser:
         progress = step_progress(step, self.steps)
         guidance = self.curve.value_at(progress)
         self.guidance_history.append(guidance)
-        v_pos = self.model_velocity(x, sigma, self.positive, guidance)
+        residuals = None
+        if self.controls is not None:
+            inputs = self.transformer_inputs(x, sigma, self.positive, guidance)
+            residuals = self.controls(inputs, guidance, step, self.steps)
+        v_pos = self.model_velocity(x, sigma, self.positive, guidance, residuals)
         if self.negative is None or not self.curve.cfg_active(progress):
             return v_pos
-        v_neg = self.model_velocity(x, sigma, self.negative, guidance)
+        v_neg = self.model_velocity(x, sigma, self.negative, guidance, residuals)
         return v_neg + self.curve.cfg_scale * (v_pos - v_neg)
 
 
@@ -131,14 +151,18 @@ def sample_flux(
     curve: GuidanceCurve,
     compute_dtype: torch.dtype | None = None,
     callback: StepCallback | None = None,
+    controls: StepControl | None = None,
+    concat_latent: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FluxDenoiser]:
     """Text-to-image (or image-to-image when `sigmas[0]` < 1) from a model-space `latent`.
 
     The start point is sigma0 * noise + (1 - sigma0) * latent (pure noise at sigma0 = 1); returns the
     model-space result and the denoiser (which recorded its forward calls and per-step guidance).
+    `controls` and `concat_latent` are passed to `FluxDenoiser` (ControlNets, structural models).
     """
     steps = len(sigmas) - 1
-    denoiser = FluxDenoiser(transformer, positive, negative, curve, steps, guidance_embeds, compute_dtype)
+    denoiser = FluxDenoiser(transformer, positive, negative, curve, steps, guidance_embeds, compute_dtype,
+                            controls, concat_latent)
     sigma0 = sigmas[0].to(torch.float32)
     x = sigma0 * noise.to(torch.float32) + (1.0 - sigma0) * latent.to(torch.float32)
     return sample_euler(denoiser, x, sigmas.to(torch.float32), callback), denoiser

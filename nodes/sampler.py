@@ -14,7 +14,8 @@ from ..flux_sampler.guidance import GuidanceCurve
 from ..flux_sampler.latents import LATENT_CHANNELS, make_noise, to_model_space, to_vae_space
 from ..flux_sampler.sampling import TextConditioning, sample_flux
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
-from . import host
+from ..flux_speed.prepare import prepare_runner
+from . import controlnet, host, speed
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,18 @@ class FluxWorksSampler:
             mu = None
         sigmas = get_sigmas(steps, mu, denoise)
         noise = make_noise(samples.shape, seed)
-        device = host.load_on_device(patcher)
+        controls = controlnet.SamplerControls(positive, negative, flux, samples)
+        device = controls.load_models(patcher)
+        stack, concat_latent = controls.on_device(device, flux.config)
         callback = self._progress(device, steps)
-        x, _ = sample_flux(flux.transformer, flux.config.guidance_embeds, pos, neg,
+        runner = prepare_runner(flux.transformer, speed.speed_options(patcher), device, flux.compute_dtype)
+        runner.begin(sigmas)
+        x, _ = sample_flux(runner, flux.config.guidance_embeds, pos, neg,
                            to_model_space(samples.to(torch.float32)).to(device), noise.to(device),
-                           sigmas.to(device), curve, flux.compute_dtype, callback)
+                           sigmas.to(device), curve, flux.compute_dtype, callback, stack, concat_latent)
+        if runner.cache_state is not None:
+            logger.info("FluxWorksSampler: step cache reused the deep blocks on %d of %d model evaluations",
+                        runner.cache_state.hits, runner.cache_state.hits + runner.cache_state.misses)
         out = dict(latent_image)
         out["samples"] = to_vae_space(x).to(mm.intermediate_device())
         return (out,)

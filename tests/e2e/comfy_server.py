@@ -18,6 +18,9 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
+import requests
+import safetensors.torch
+import torch
 import websocket
 from PIL import Image
 
@@ -43,6 +46,11 @@ class PromptResult:
                 return m["data"]
         raise AssertionError(f"prompt {self.prompt_id} had no execution_error: status {self.status}")
 
+    def progress(self, node: str) -> list[int]:
+        """The `value` of every websocket progress message `node` sent, in order."""
+        return [m["data"]["value"] for m in self.messages
+                if m["type"] == "progress" and m["data"].get("node") == node]
+
 
 @dataclass
 class ComfyServer:
@@ -50,6 +58,7 @@ class ComfyServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     log_path: str = ""
+    model_names: dict[str, str] = field(default_factory=dict)  # role -> name, from write_models_tree
 
     @property
     def url(self) -> str:
@@ -132,10 +141,23 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
-    def view_image(self, image: dict) -> Image.Image:
-        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+    def upload_image(self, image: Image.Image, name: str) -> str:
+        """Upload a PNG through /upload/image (as the web UI's LoadImage does); returns its input name."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        response = requests.post(f"{self.url}/upload/image", files={"image": (name, buffer.getvalue(), "image/png")},
+                                 data={"overwrite": "true"}, timeout=30)
+        response.raise_for_status()
+        return response.json()["name"]
+
+    def view(self, file: dict) -> bytes:
+        """The bytes of an output/input/temp file ({filename, subfolder, type}) from /view."""
+        query = urllib.parse.urlencode({k: file[k] for k in ("filename", "subfolder", "type")})
         with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=30) as r:
-            return Image.open(io.BytesIO(r.read())).copy()
+            return r.read()
+
+    def view_image(self, image: dict) -> Image.Image:
+        return Image.open(io.BytesIO(self.view(image))).copy()
 
     # --- prompts ----------------------------------------------------------------------------------
     def queue(self, prompt: dict, client_id: str) -> str:
@@ -188,6 +210,11 @@ class ComfyServer:
 
     def images(self, result: PromptResult) -> list[Image.Image]:
         return [self.view_image(img) for out in result.outputs.values() for img in out.get("images", [])]
+
+    def latent(self, result: PromptResult, node: str) -> torch.Tensor:
+        """The (B, C, H, W) tensor that the core SaveLatent node `node` wrote."""
+        [file] = result.outputs[node]["latents"]
+        return safetensors.torch.load(self.view(file))["latent_tensor"]
 
 
 class PromptRejected(Exception):

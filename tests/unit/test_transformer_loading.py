@@ -43,6 +43,7 @@ def test_fp8_file_stays_fp8_by_default_and_matches_its_dequantised_weights(tmp_p
     model, _, compute = load_flux_transformer(path, "default", torch.float32)
     q = model.transformer_blocks[0].attn.to_q.weight
     assert q.dtype == torch.float8_e4m3fn and compute == torch.float32
+    assert model.transformer_blocks[0].attn.to_q.bias.dtype == torch.float32  # biases stay wide
     ref = dev_model.transformer_blocks[0].attn.to_q.weight
     assert torch.equal(q.float(), ref.to(torch.float8_e4m3fn).float())
 

@@ -1,0 +1,125 @@
+// Row widgets for FluxWorksLoraStack: per LoRA an on/off toggle, the file and the strength, plus "add" and
+// "remove" buttons. They edit the node's `rows` widget, a JSON list of {"lora", "strength", "enabled"}: that string
+// is what the workflow saves and what is queued (the API format takes the same JSON), so the row widgets are never
+// serialized themselves. Loading a workflow rebuilds the rows from `rows` without rewriting it.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_TYPE = "FluxWorksLoraStack";
+const ROW_KEYS = ["lora", "strength", "enabled", "text_strength"];
+let loraNames = [];
+
+/** Refresh the LoRA file list; a failure is reported and the previous list kept. */
+async function listLoras() {
+  try {
+    const response = await api.fetchApi("/models/loras");
+    if (!response.ok) throw new Error(`/models/loras answered HTTP ${response.status}`);
+    loraNames = await response.json();
+  } catch (error) {
+    console.warn("FluxWorks LoRA stack: could not list models/loras, keeping the previous list:", error);
+  }
+}
+
+/** The rows in `text`, or null when it is not a JSON list of objects (the server names the problem on queue). */
+export function parseRows(text) {
+  let rows;
+  try {
+    rows = JSON.parse(text || "[]");
+  } catch {
+    return null;
+  }
+  if (!Array.isArray(rows) || rows.some((r) => typeof r !== "object" || r === null)) return null;
+  return rows;
+}
+
+/** Rows as the `rows` widget stores them: keys in a fixed order, so equal rows give equal text. */
+export function serializeRows(rows) {
+  return JSON.stringify(rows.map((row) => {
+    const out = {};
+    for (const key of ROW_KEYS) if (row[key] !== undefined) out[key] = row[key];
+    return out;
+  }));
+}
+
+function rowsWidget(node) {
+  return node.widgets?.find((w) => w.name === "rows");
+}
+
+function notSerialized(widget) {
+  widget.serialize = false;
+  widget.options = { ...(widget.options ?? {}), serialize: false };
+  widget.fluxworksRow = true;
+  return widget;
+}
+
+function writeRows(node, rows) {
+  const widget = rowsWidget(node);
+  widget.value = serializeRows(rows);
+  node.setDirtyCanvas(true, true);
+}
+
+function rebuildRows(node) {
+  const widget = rowsWidget(node);
+  if (!widget) return;
+  const rows = parseRows(widget.value);
+  if (rows === null) return; // leave a hand-edited, invalid value alone: queueing reports the problem
+  node.widgets = node.widgets.filter((w) => !w.fluxworksRow);
+  rows.forEach((row, i) => {
+    const label = `${i + 1}`;
+    const update = (key) => (value) => {
+      const current = parseRows(rowsWidget(node).value) ?? rows;
+      current[i] = { ...current[i], [key]: value };
+      writeRows(node, current);
+    };
+    notSerialized(node.addWidget("toggle", `lora ${label} on`, row.enabled ?? true, update("enabled")));
+    notSerialized(node.addWidget("combo", `lora ${label}`, row.lora ?? "", update("lora"),
+      { values: () => (loraNames.includes(row.lora) ? loraNames : [row.lora, ...loraNames]) }));
+    notSerialized(node.addWidget("number", `strength ${label}`, row.strength ?? 1.0, update("strength"),
+      { min: -10, max: 10, step: 0.5, round: 0.01, precision: 2 }));
+    notSerialized(node.addWidget("button", `remove LoRA ${label}`, null, () => {
+      const current = parseRows(rowsWidget(node).value) ?? rows;
+      current.splice(i, 1);
+      writeRows(node, current);
+      rebuildRows(node);
+    }));
+  });
+  notSerialized(node.addWidget("button", "+ add LoRA", null, async () => {
+    await listLoras();
+    const current = parseRows(rowsWidget(node).value) ?? [];
+    current.push({ lora: loraNames[0] ?? "", strength: 1.0, enabled: true });
+    writeRows(node, current);
+    rebuildRows(node);
+  }));
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas(true, true);
+}
+
+app.registerExtension({
+  name: "FluxWorks.LoraStack",
+  async setup() {
+    await listLoras();
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE_TYPE) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const node = this;
+      const widget = rowsWidget(node);
+      const edited = widget.callback;
+      widget.callback = function () { // the JSON edited by hand: show its rows
+        const out = edited?.apply(this, arguments);
+        rebuildRows(node);
+        return out;
+      };
+      rebuildRows(node);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      rebuildRows(this);
+      return result;
+    };
+  },
+});
