@@ -91,3 +91,14 @@ def expect(value, type_name: str, node: str):
     if type(inner).__name__ != expected:
         raise TypeError(f"{node} expects a {type_name} from a FluxWorks loader, got {type(value).__name__}")
     return value
+
+
+EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded_model")
+
+
+def register_embedded_model() -> None:
+    """List the embedded tiny model's files (embedded_model/<folder>/) next to the user's own models."""
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        path = os.path.join(EMBEDDED_MODEL_DIR, kind)
+        if os.path.isdir(path) and path not in folder_paths.get_folder_paths(kind):
+            folder_paths.add_model_folder_path(kind, path)

@@ -1,20 +1,5 @@
-"""Where the test environment's ComfyUI host lives (COMFYUI_PATH, else the repo's .comfyui)."""
+"""Test-side access to the development paths (kept so tests import one place)."""
 
-from __future__ import annotations
+from devtools.paths import PYTHON, REPO, comfyui_path, tokenizer_folders
 
-import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def comfyui_path() -> str:
-    return os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".comfyui")
-
-
-def tokenizer_folders() -> tuple[str, str]:
-    comfy = os.path.join(comfyui_path(), "comfy")
-    return os.path.join(comfy, "sd1_tokenizer"), os.path.join(comfy, "text_encoders", "t5_tokenizer")
-
-
-PYTHON = sys.executable
+__all__ = ["PYTHON", "REPO", "comfyui_path", "tokenizer_folders"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from devtools.tiny_models import write_models_tree
-from tests.e2e.comfy_server import ComfyServer
+from devtools.comfy_server import ComfyServer
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.comfy_server import PromptRejected
+from devtools.comfy_server import PromptRejected
 from tests.e2e.workflows import SAMPLER, text_to_image
 
 pytestmark = pytest.mark.e2e

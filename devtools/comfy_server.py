@@ -24,7 +24,7 @@ import torch
 import websocket
 from PIL import Image
 
-from tests.paths import PYTHON, comfyui_path
+from devtools.paths import PYTHON, comfyui_path
 
 
 def free_port() -> int:
