@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from devtools.tiny_models import write_models_tree
 from devtools.comfy_server import ComfyServer
+from devtools.tiny_models import write_models_tree
 
 
 @pytest.fixture(scope="session")

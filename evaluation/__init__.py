@@ -1,0 +1,1 @@
+"""Judging generated pictures: prompt adherence from pixels, the embedded model pipeline, benchmarks."""

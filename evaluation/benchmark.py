@@ -1,0 +1,180 @@
+"""Adherence of the embedded model over held-out captions, for a set of sampler settings: steps and constant
+guidance, scheduled guidance, and true CFG with a negative prompt. Writes a JSON report and a picture grid.
+
+Usage: python -m evaluation.benchmark --models embedded_model --json report.json --grid grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from flux_sampler.guidance import GuidanceCurve
+from training.shapes import held_out_captions, parse_caption, render
+
+from .adherence import colour_share, score_image, summarise
+from .embedded import EMBEDDED_DIR, EmbeddedPipeline
+
+logger = logging.getLogger(__name__)
+
+CAPTION_SEED = 1234  # held_out_captions(seed): the benchmark's fixed caption list
+NOISE_SEED = 1000  # caption i is sampled from make_noise(NOISE_SEED + i)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    steps: int
+    curve: GuidanceCurve
+    negative: str | None = None
+    tags: tuple[str, ...] = field(default=())
+
+
+def constant(g: float, steps: int, tags: tuple[str, ...] = ("sweep",)) -> Setting:
+    return Setting(f"constant g={g:g}, {steps} steps", steps, GuidanceCurve.constant(g), None, tags)
+
+
+def default_settings(steps: int = 20, guidance: float = 3.5) -> list[Setting]:
+    """The sweep, schedules and true-CFG settings docs/embedded_model.md reports."""
+    sweep = [constant(g, s) for s in (steps, 8, 12, 28) for g in (1.0, 2.0, 3.5, 5.0)]
+    scheduled = [
+        Setting(f"linear 5->1.5, {steps} steps", steps, GuidanceCurve(5.0, 1.5, "linear"), None, ("schedule",)),
+        Setting(f"linear 1.5->5, {steps} steps", steps, GuidanceCurve(1.5, 5.0, "linear"), None, ("schedule",)),
+        Setting(f"cosine 5->2, {steps} steps", steps, GuidanceCurve(5.0, 2.0, "cosine"), None, ("schedule",)),
+        Setting(f"step 5->1 at 50%, {steps} steps", steps, GuidanceCurve(5.0, 1.0, "step"), None, ("schedule",)),
+    ]
+    cfg = [
+        Setting(f"true CFG {s:g} neg 'red', g={guidance:g}, {steps} steps", steps,
+                GuidanceCurve(guidance, guidance, cfg_scale=s), "red", ("cfg",))
+        for s in (1.5, 3.0)
+    ] + [
+        Setting(f"true CFG 3 neg 'red' first 50%, g={guidance:g}, {steps} steps", steps,
+                GuidanceCurve(guidance, guidance, cfg_scale=3.0, cfg_end_percent=0.5), "red", ("cfg",)),
+    ]
+    return sweep[:4] + scheduled + cfg + sweep[4:]
+
+
+def _mentions_red(caption: str) -> bool:
+    scene = parse_caption(caption)
+    return any(o.colour == "red" for o in scene.objects) or scene.background == "red"
+
+
+def _red_share(images: np.ndarray) -> float:
+    """Mean share of red pixels (a direct read of what a 'red' negative prompt should remove)."""
+    return float(np.mean([colour_share(img, "red") for img in images]))
+
+
+def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting, batch: int = 25,
+                     max_sequence_length: int = 512) -> tuple[dict, np.ndarray]:
+    """Summary of one setting over `captions` (overall, captions with / without red) and its images."""
+    start = time.monotonic()
+    images = []
+    for i in range(0, len(captions), batch):
+        chunk = captions[i:i + batch]
+        seeds = [NOISE_SEED + i + j for j in range(len(chunk))]
+        images.append(pipeline.generate(chunk, seeds, setting.steps, setting.curve, setting.negative,
+                                        max_sequence_length))
+    images = np.concatenate(images)
+    results = [score_image(img, cap) for img, cap in zip(images, captions, strict=True)]
+    red = [r for r, c in zip(results, captions, strict=True) if _mentions_red(c)]
+    other = [r for r, c in zip(results, captions, strict=True) if not _mentions_red(c)]
+    summary = {
+        "setting": setting.name, "tags": list(setting.tags), "steps": setting.steps,
+        "curve": setting.curve.to_dict(), "negative": setting.negative,
+        **summarise(results),
+        "adherence_red_captions": summarise(red)["adherence"] if red else None,
+        "adherence_other_captions": summarise(other)["adherence"] if other else None,
+        "red_pixel_share_other_captions": _red_share(
+            np.stack([img for img, c in zip(images, captions, strict=True) if not _mentions_red(c)])) if other else None,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    logger.info("%-50s adherence %.3f exact %.2f", setting.name, summary["adherence"], summary["exact"])
+    return summary, images
+
+
+def reference_scores(pipeline: EmbeddedPipeline, captions: list[str]) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Adherence of clean renders of the captions (evaluator sanity) and of their VAE round trips."""
+    rng = np.random.default_rng(CAPTION_SEED)
+    renders = np.stack([render(parse_caption(c), rng) for c in captions])
+    recon = np.concatenate([pipeline.reconstruct(renders[i:i + 25]) for i in range(0, len(renders), 25)])
+    return (summarise([score_image(i, c) for i, c in zip(renders, captions, strict=True)]),
+            summarise([score_image(i, c) for i, c in zip(recon, captions, strict=True)]), renders, recon)
+
+
+def picture_grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 1) -> Image.Image:
+    """Rows of equally sized (N, H, W, 3) images side by side, optional label strip under each row."""
+    tiles = [np.concatenate(list(r), axis=1) for r in rows]
+    grid = Image.fromarray(np.concatenate(tiles, axis=0))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    if labels:
+        strip = 14
+        out = Image.new("RGB", (grid.width, grid.height + strip * len(labels)), (255, 255, 255))
+        out.paste(grid, (0, 0))
+        draw = ImageDraw.Draw(out)
+        for i, text in enumerate(labels):
+            draw.text((4, grid.height + i * strip + 1), text, fill=(0, 0, 0))
+        grid = out
+    return grid
+
+
+def _write_json(report: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+
+
+def run(pipeline: EmbeddedPipeline, captions: list[str], settings: list[Setting], json_path: str,
+        grid_path: str | None, grid_setting: int = 0) -> dict:
+    """Evaluate every setting; the JSON report is rewritten after each one, so a cut-off run keeps its part."""
+    truth, recon, renders, recon_images = reference_scores(pipeline, captions)
+    report = {"captions": captions, "reference": {"clean_renders": truth, "vae_round_trip": recon}, "settings": []}
+    for index, setting in enumerate(settings):
+        summary, images = evaluate_setting(pipeline, captions, setting)
+        report["settings"].append(summary)
+        _write_json(report, json_path)
+        if grid_path and index == grid_setting:
+            n = min(10, len(captions))
+            picture_grid([renders[:n], recon_images[:n], images[:n]],
+                         [f"rows: render, VAE round trip, {setting.name}"]).save(grid_path)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=EMBEDDED_DIR)
+    parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
+    parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
+    parser.add_argument("--captions", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="benchmark.json")
+    parser.add_argument("--grid", default=None)
+    parser.add_argument("--quick", action="store_true", help="two settings only (smoke runs)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = benchmark(args.models, (args.clip_tokenizer, args.t5_tokenizer), args.captions, args.device,
+                       args.json, args.grid, args.quick)
+    logger.info("reference: %s", report["reference"])
+
+
+def benchmark(models: str, tokenizer_folders: tuple[str, str], count: int, device: str, json_path: str,
+              grid_path: str | None, quick: bool = False) -> dict:
+    """Load `models`, run the settings over `count` held-out captions, write the JSON report (fp32 compute)."""
+    pipeline = EmbeddedPipeline.load(tokenizer_folders, models, device)
+    settings = default_settings()
+    if quick:
+        settings = [constant(3.5, 2), Setting("quick true CFG", 2, GuidanceCurve(3.5, 3.5, cfg_scale=3.0), "red")]
+    grid_setting = next((i for i, s in enumerate(settings) if s.name == "constant g=2, 12 steps"), 0)
+    return run(pipeline, held_out_captions(count, CAPTION_SEED), settings, json_path, grid_path, grid_setting)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The embedded files in a real ComfyUI: FluxWorks loaders and sampler draw the demo prompt, core's own
+VAELoader + VAEDecode turn it into the same picture our pipeline makes, and the evaluator reads the caption
+back. Core's UNETLoader cannot take the transformer (it fixes 24 heads, so only width 3072 fits): that is
+pinned here so a core release that lifts the limit shows up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from evaluation.adherence import score_image
+from evaluation.embedded import (
+    DEMO_PROMPT,
+    EMBEDDED_DIR,
+    FILES,
+    RECOMMENDED_GUIDANCE,
+    RECOMMENDED_STEPS,
+)
+from flux_sampler.guidance import GuidanceCurve
+
+pytestmark = pytest.mark.e2e
+
+SEED = 0
+FOLDERS = {"transformer": "diffusion_models", "t5": "text_encoders", "clip_l": "text_encoders", "vae": "vae"}
+
+
+@pytest.fixture(scope="module")
+def installed(comfy_server):
+    for role, folder in FOLDERS.items():
+        os.makedirs(os.path.join(comfy_server.models_dir, folder), exist_ok=True)
+        shutil.copy(os.path.join(EMBEDDED_DIR, FILES[role]), os.path.join(comfy_server.models_dir, folder))
+    return comfy_server
+
+
+def _text_to_image(model: dict) -> dict:
+    return {
+        "te": {"class_type": "FluxWorksTextEncoderLoader",
+               "inputs": {"t5_name": os.path.basename(FILES["t5"]), "clip_name": os.path.basename(FILES["clip_l"]), "weight_dtype": "default"}},
+        "enc": {"class_type": "FluxWorksTextEncode", "inputs": {"text_encoder": ["te", 0], "prompt": DEMO_PROMPT,
+                                                                "clip_prompt": "", "max_sequence_length": "512"}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "model": model,
+        "sample": {"class_type": "FluxWorksSampler", "inputs": {
+            "model": ["model", 0], "positive": ["enc", 0], "latent_image": ["latent", 0], "seed": SEED,
+            "steps": RECOMMENDED_STEPS, "guidance": RECOMMENDED_GUIDANCE, "shift": 0.0, "denoise": 1.0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(FILES["vae"])}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "embedded"}},
+    }
+
+
+def test_demo_prompt_through_fluxworks_nodes_and_core_vae_matches_the_pipeline(installed, embedded_pipeline):
+    loader = {"class_type": "FluxWorksModelLoader",
+              "inputs": {"model_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
+    result = installed.run(_text_to_image(loader))
+    assert result.status == "success", result.messages
+    [image] = installed.images(result)
+    served = np.asarray(image.convert("RGB")).astype(np.float32)
+    [ours] = embedded_pipeline.generate([DEMO_PROMPT], [SEED], RECOMMENDED_STEPS, GuidanceCurve.constant(RECOMMENDED_GUIDANCE))
+    assert served.shape == (128, 128, 3)
+    assert np.abs(served - ours.astype(np.float32)).mean() < 1.5  # core's VAEDecode == our taef1 decode
+    assert score_image(image, DEMO_PROMPT).score == 1.0
+
+
+def test_core_unet_loader_rejects_the_narrow_transformer(installed):
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
+    prompt = _text_to_image(unet)
+    prompt["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": ["model", 0], "seed": SEED, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["enc", 0], "negative": ["enc", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
+    result = installed.run(prompt)
+    assert result.status == "error"
+    error = result.error()
+    assert error["node_id"] == "model" and "num_heads" in error["exception_message"]

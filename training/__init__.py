@@ -1,0 +1,1 @@
+"""Builds the embedded FLUX.1-architecture model: shapes dataset, autoencoder, text encoders, transformer."""
