@@ -2,10 +2,14 @@
 // "remove" buttons. They edit the node's `rows` widget, a JSON list of {"lora", "strength", "enabled"}: that string
 // is what the workflow saves and what is queued (the API format takes the same JSON), so the row widgets are never
 // serialized themselves. Loading a workflow rebuilds the rows from `rows` without rewriting it.
+// FluxWorksApplyLoraStack draws its report (applied LoRAs, keys not applied) under its sockets.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPE = "FluxWorksLoraStack";
+const APPLY_TYPE = "FluxWorksApplyLoraStack";
+const REPORT_LINE = 14;
+const REPORT_MAX_LINES = 16;
 const ROW_KEYS = ["lora", "strength", "enabled", "text_strength"];
 let loraNames = [];
 
@@ -71,7 +75,8 @@ function rebuildRows(node) {
       current[i] = { ...current[i], [key]: value };
       writeRows(node, current);
     };
-    notSerialized(node.addWidget("toggle", `lora ${label} on`, row.enabled ?? true, update("enabled")));
+    notSerialized(node.addWidget("toggle", `lora ${label} on`, row.enabled ?? true, update("enabled"),
+      { on: "on", off: "off" }));
     notSerialized(node.addWidget("combo", `lora ${label}`, row.lora ?? "", update("lora"),
       { values: () => (loraNames.includes(row.lora) ? loraNames : [row.lora, ...loraNames]) }));
     notSerialized(node.addWidget("number", `strength ${label}`, row.strength ?? 1.0, update("strength"),
@@ -94,12 +99,55 @@ function rebuildRows(node) {
   node.setDirtyCanvas(true, true);
 }
 
+/** The report lines wrapped to `width` pixels, at most REPORT_MAX_LINES of them. */
+function wrapReport(ctx, lines, width) {
+  const out = [];
+  for (const line of lines) {
+    let rest = line;
+    while (rest.length && out.length < REPORT_MAX_LINES) {
+      let n = rest.length;
+      while (n > 1 && ctx.measureText(rest.slice(0, n)).width > width) n = Math.floor(n * 0.9);
+      out.push(rest.slice(0, n));
+      rest = rest.slice(n);
+    }
+  }
+  if (out.length === REPORT_MAX_LINES) out[REPORT_MAX_LINES - 1] += " … (full list in the console log)";
+  return out;
+}
+
+/** FluxWorksApplyLoraStack shows what it applied and the keys it could not, under its sockets. */
+function addReport(nodeType) {
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (message) {
+    const result = onExecuted?.apply(this, arguments);
+    this.fluxworksReport = (message?.text ?? []).join("\n").split("\n");
+    this.setDirtyCanvas(true, true);
+    return result;
+  };
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function (ctx) {
+    const result = onDrawForeground?.apply(this, arguments);
+    if (!this.fluxworksReport?.length || this.flags?.collapsed) return result;
+    ctx.save();
+    ctx.font = "11px monospace";
+    ctx.fillStyle = "#bbb";
+    const top = Math.max(this.inputs?.length ?? 0, this.outputs?.length ?? 0) * 20 + 16;
+    const lines = wrapReport(ctx, this.fluxworksReport, this.size[0] - 20);
+    lines.forEach((line, i) => ctx.fillText(line, 10, top + i * REPORT_LINE));
+    ctx.restore();
+    const needed = top + lines.length * REPORT_LINE;
+    if (this.size[1] < needed) this.setSize([this.size[0], needed]);
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "FluxWorks.LoraStack",
   async setup() {
     await listLoras();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === APPLY_TYPE) addReport(nodeType);
     if (nodeData.name !== NODE_TYPE) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {

@@ -3,9 +3,11 @@
 Each module below defines NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for its node family.
 """
 
-from . import guidance, loaders, sampler, text_encode
+from . import controlnet, guidance, host, loaders, lora, sampler, speed, text_encode
 
-_MODULES = (loaders, text_encode, guidance, sampler)
+_MODULES = (loaders, text_encode, guidance, sampler, lora, controlnet, speed)
+
+host.register_embedded_model()
 
 NODE_CLASS_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in _MODULES for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}
