@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
-from ._siblings import FLUX1_AXES, files, storage_and_compute
+from ._siblings import FLUX1_AXES, count_blocks, files, storage_and_compute
 from .keys import EXPECTED, describe_non_controlnet, detect_format, to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -89,12 +88,6 @@ class ControlNetConfig:
         }
 
 
-def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    return max(indices) + 1 if indices else 0
-
-
 def _axes(head_dim: int, folder_axes) -> tuple[int, int, int]:
     if folder_axes:
         return tuple(folder_axes)
@@ -126,8 +119,8 @@ def infer_config(state: dict[str, torch.Tensor], kind: str, folder_axes=None) ->
     return ControlNetConfig(
         kind=kind,
         in_channels=in_channels,
-        num_layers=_count_blocks(state, "transformer_blocks."),
-        num_single_layers=_count_blocks(state, "single_transformer_blocks."),
+        num_layers=count_blocks(state, "transformer_blocks."),
+        num_single_layers=count_blocks(state, "single_transformer_blocks."),
         attention_head_dim=head_dim,
         num_attention_heads=hidden // head_dim,
         joint_attention_dim=joint_dim,

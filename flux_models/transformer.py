@@ -54,7 +54,8 @@ class FluxConfig:
         }
 
 
-def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+def count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered blocks `prefix<N>.` the weights hold (one past the highest index)."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
     return max(indices) + 1 if indices else 0
@@ -89,8 +90,8 @@ def infer_config(state: dict[str, torch.Tensor], axes: tuple[int, int, int] | No
     return FluxConfig(
         in_channels=in_channels,
         out_channels=out_channels,
-        num_layers=_count_blocks(state, "transformer_blocks."),
-        num_single_layers=_count_blocks(state, "single_transformer_blocks."),
+        num_layers=count_blocks(state, "transformer_blocks."),
+        num_single_layers=count_blocks(state, "single_transformer_blocks."),
         attention_head_dim=head_dim,
         num_attention_heads=hidden // head_dim,
         joint_attention_dim=joint_dim,
