@@ -19,18 +19,31 @@ LABELS = {
     "diffusers_eager": "diffusers eager bf16",
     "ours_eager_bf16": "FluxWorks eager bf16",
     "ours_bf16_attn_compile": "FluxWorks bf16 + compile",
-    "ours_fp8_attn_compile": "FluxWorks fp8 matmul + compile",
+    "ours_fp8_attn_compile": "FluxWorks fp8 rowwise + compile",
+    "ours_fp8_tensorwise_attn_compile": "FluxWorks fp8 tensorwise + compile",
     "ours_fp8_cap16gib": "FluxWorks fp8, 16 GiB cap",
     "ours_fp8_cap8gib": "FluxWorks fp8, 8 GiB cap (offload)",
-    "ours_fp8_compile_cache0.6": "FluxWorks fp8 + compile + step cache",
+    "ours_fp8_compile_cache0.6": "FluxWorks fp8 + compile + step cache",  # JSON files before cache_rows
 }
+MODE_NAMES = {"ours_fp8_attn_compile": "fp8 rowwise", "ours_fp8_tensorwise_attn_compile": "fp8 tensorwise"}
+
+
+def cache_labels(data: dict) -> list[tuple[str, float]]:
+    """One bar per step-cache row: its mode, threshold and how many steps it reused."""
+    rows = []
+    for row in data.get("cache_rows", []):
+        if "ms_per_step" in row:
+            label = (f"FluxWorks {MODE_NAMES.get(row['mode'], row['mode'])} + compile + cache "
+                     f"t={row['threshold']:g} ({row['steps_reused']}/{row['steps']} reused)")
+            rows.append((label, row["ms_per_step"]))
+    return rows
 
 
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
-    rows = [(LABELS[k], data[k + "_ms_per_step"]) for k in LABELS if k + "_ms_per_step" in data]
+    rows = [(LABELS[k], data[k + "_ms_per_step"]) for k in LABELS if k + "_ms_per_step" in data] + cache_labels(data)
     colors = ["#888888" if not label.startswith("FluxWorks") else "#2a7fd4" for label, _ in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 2.0 + 0.3 * len(rows)))
     ax.barh([r[0] for r in rows], [r[1] for r in rows], color=colors)
     for i, (_, v) in enumerate(rows):
         ax.text(v + 2, i, f"{v:.0f}", va="center", fontsize=8)

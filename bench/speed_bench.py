@@ -2,7 +2,12 @@
 in one run on one card, on the full FLUX.1 architecture with random weights initialised on the GPU.
 
 Usage (repo root): python bench/speed_bench.py [--tiny] [--steps 28] [--res 1024] [--comfy .comfy] [--out DIR]
+    [--sections all|diffusers,compile,cache,fp8,fp8_rowwise,fp8_tensorwise,comfy,comfy_bf16,batch,memory,e2e]
+    [--cache-configs "0.6:0.1:0.9:3,..."] [--profile]
 --tiny runs a 1+1-block model on the CPU to check the script. Prints one JSON line per finished section.
+Our bf16 eager run (the error reference) always runs. `fp8` runs both fp8 scalings (rowwise, tensorwise);
+the step-cache rows and --profile use the faster of the two. `comfy` runs all ComfyUI modes, `comfy_bf16`
+only its bf16 baseline.
 """
 
 from __future__ import annotations
@@ -33,12 +38,33 @@ ap.add_argument("--comfy", default=".comfy")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 ap.add_argument("--skip-comfy-compile", action="store_true")
 ap.add_argument("--sections", default="all")
+ap.add_argument("--cache-configs", default="0.1:0.1:0.9:3,0.3:0.1:0.9:3,0.6:0.1:0.9:3",
+                help="step-cache rows on the fastest fp8 mode, threshold:start:end:max_consecutive, comma-separated "
+                     "('' for none)")
+ap.add_argument("--profile", action="store_true",
+                help="profile one compiled fp8 step with torch.profiler; the top-15 kernels go into the JSON")
 args = ap.parse_args()
 DEV = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
 R: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
            "steps": args.steps, "res": args.res, "date": time.strftime("%Y-%m-%d")}
 SECTIONS = set(args.sections.split(","))
+
+
+def parse_cache_configs(text: str) -> list[StepCacheConfig]:
+    configs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        if len(fields) != 4:
+            ap.error(f"--cache-configs wants threshold:start:end:max_consecutive, got {item!r}")
+        try:
+            configs.append(StepCacheConfig(float(fields[0]), float(fields[1]), float(fields[2]), int(fields[3])))
+        except ValueError as e:
+            ap.error(f"--cache-configs {item!r}: {e}")
+    return configs
+
+
+CACHE_CONFIGS = parse_cache_configs(args.cache_configs)
 
 
 def want(name: str) -> bool:
@@ -189,7 +215,7 @@ R["attention_backend"] = backend
 set_attention_backend(flux, backend)
 timed("ours_bf16_attn", FluxRunner(flux), REF)
 
-def comfy_section() -> None:
+def comfy_section(bf16_only: bool) -> None:
     """ComfyUI native (carried 0.3.75 source), same architecture and size, in this same process."""
     base = new_flux()
     sd = {k: v.to("cpu") for k, v in base.state_dict().items()}
@@ -213,7 +239,9 @@ def comfy_section() -> None:
 
     configs = [("comfy_bf16", {}, False),
                ("comfy_fp8_fast", {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}, False)]
-    if not args.skip_comfy_compile:
+    if bf16_only:
+        configs = configs[:1]
+    elif not args.skip_comfy_compile:
         configs.append(("comfy_fp8_fast_compiled", {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}, True))
     for tag, opts, compiled in configs:
         try:
@@ -254,30 +282,123 @@ if want("compile"):
         emit()
 
 # --- fp8 matmul -----------------------------------------------------------------------------------------
-fp8_ok = fp8_matmul_supported(torch.device(DEV)) or args.tiny
-if want("fp8") and fp8_ok:
-    fast = copy.deepcopy(flux) if args.tiny else flux
-    if not args.tiny:
-        runner = None
-        del flux
-        free()
-        fast = new_flux()
-        set_attention_backend(fast, backend)
+FP8_MODES = {"rowwise": "ours_fp8_attn_compile", "tensorwise": "ours_fp8_tensorwise_attn_compile"}
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+                ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "cublas", "scaled_mm")),
+                ("inductor fused (norm, modulation, fp8 quantise, rope)", ("triton",)))
+
+
+def fp8_model(scaling: str, source):
+    """A fresh fp8 copy of the transformer (on the GPU from new weights, to keep one bf16 copy at a time)."""
+    if args.tiny:
+        model = copy.deepcopy(source)
+    else:
+        model = new_flux()
+        set_attention_backend(model, backend)
+    prefix = "fp8" if scaling == "rowwise" else "fp8_tensorwise"
     t = time.perf_counter()
-    R["fp8_linears"] = quantize_transformer_linears(fast, DT)
-    R["fp8_quantize_s"] = round(time.perf_counter() - t, 1)
+    R[prefix + "_linears"] = quantize_transformer_linears(model, DT, scaling=scaling)
+    R[prefix + "_quantize_s"] = round(time.perf_counter() - t, 1)
     free()
-    timed("ours_fp8_attn", FluxRunner(fast), REF)
-    compile_blocks(fast)
-    timed("ours_fp8_attn_compile", FluxRunner(fast), REF)
-    for thr in (0.1, 0.3, 0.6):
-        runner = FluxRunner(fast, StepCacheConfig(threshold=thr, start_percent=0.1, end_percent=0.9,
-                                                  max_consecutive=3))
-        timed(f"ours_fp8_compile_cache{thr}", runner, REF, warm_steps=3)
-        R[f"ours_fp8_compile_cache{thr}_hits"] = runner.cache_state.hits
+    return model
+
+
+def cache_rows(model, mode_tag: str) -> None:
+    """One row per --cache-configs entry on `model`: ms/step, steps reused, final-latent error."""
+    R.setdefault("cache_rows", [])
+    for cfg in CACHE_CONFIGS:
+        tag = (f"{mode_tag}_cache{cfg.threshold:g}_{cfg.start_percent:g}-{cfg.end_percent:g}"
+               f"_max{cfg.max_consecutive}")
+        runner = FluxRunner(model, cfg)
+        timed(tag, runner, REF, warm_steps=3)
+        row = {"mode": mode_tag, "key": tag, "threshold": cfg.threshold, "start": cfg.start_percent,
+               "end": cfg.end_percent, "max_consecutive": cfg.max_consecutive, "steps": args.steps,
+               "steps_reused": runner.cache_state.hits if runner.cache_state else None}
+        for field in ("ms_per_step", "rel_err_vs_bf16", "error"):
+            if f"{tag}_{field}" in R:
+                row[field] = R[f"{tag}_{field}"]
+        R[tag + "_hits"] = row["steps_reused"]
+        R["cache_rows"].append(row)
         emit()
-    if want("comfy") and os.path.isdir(args.comfy):
-        comfy_section()
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
+def profile_step(model, mode_tag: str) -> None:
+    """Where one compiled fp8 step spends its time: the top-15 device kernels by total time, and the time per
+    kind (GEMM / attention / inductor-fused elementwise / other). On the CPU (--tiny) the same table lists
+    operators by self CPU time, which only checks the code path."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = DEV == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    ours(FluxRunner(model), 1)  # warm for the 1-step schedule
+    with profile(activities=activities) as prof:
+        ours(FluxRunner(model), 1)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if on_gpu and event.device_type != DeviceType.CUDA:
+            continue
+        us = event.time_range.elapsed_us() if on_gpu else event.self_cpu_time_total
+        totals[event.name] = totals.get(event.name, 0.0) + us
+    total_us = sum(totals.values()) or 1.0
+    kinds: dict[str, float] = {}
+    for name, us in totals.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    top = sorted(totals.items(), key=lambda item: -item[1])[:15]
+    R["profile_fp8_step"] = {
+        "mode": mode_tag, "timer": "CUDA kernel time" if on_gpu else "CPU self time (tiny check only)",
+        "total_ms": round(total_us / 1000, 2),
+        "top_kernels": [{"name": name[:160], "kind": kernel_kind(name), "ms": round(us / 1000, 3),
+                         "share": round(us / total_us, 4)} for name, us in top],
+        "by_kind": {kind: {"ms": round(us / 1000, 2), "share": round(us / total_us, 4)}
+                    for kind, us in sorted(kinds.items(), key=lambda item: -item[1])}}
+    emit()
+
+
+def fp8_section():
+    """Both fp8 scalings with compile (rowwise also eager, as before); returns the faster compiled model."""
+    global flux
+    scalings = [s for s in ("rowwise", "tensorwise") if want("fp8") or want("fp8_" + s)]
+    source = flux if args.tiny else None
+    if not args.tiny:
+        flux = None
+        free()
+    models = {}
+    for scaling in scalings:
+        model = fp8_model(scaling, source)
+        if scaling == "rowwise":
+            timed("ours_fp8_attn", FluxRunner(model), REF)
+        compile_blocks(model)
+        if timed(FP8_MODES[scaling], FluxRunner(model), REF) is not None:
+            models[scaling] = model
+    if not models:
+        return None, None
+    fastest = min(models, key=lambda scaling: R[FP8_MODES[scaling] + "_ms_per_step"])
+    R["fp8_fastest_mode"] = FP8_MODES[fastest]
+    fast = models.pop(fastest)
+    models.clear()
+    free()
+    emit()
+    return fast, FP8_MODES[fastest]
+
+
+fp8_ok = fp8_matmul_supported(torch.device(DEV)) or args.tiny
+fast = None
+if fp8_ok and (want("fp8") or want("fp8_rowwise") or want("fp8_tensorwise")):
+    fast, fast_tag = fp8_section()
+if fast is not None:
+    if args.profile:
+        try:
+            profile_step(fast, fast_tag)
+        except Exception as e:  # noqa: BLE001 - a failed profile is recorded and the run goes on
+            R["profile_error"] = repr(e)[:400]
+            emit()
+    cache_rows(fast, fast_tag)
     if want("batch"):
         for batch in (1, 2, 4):
             ms, _ = ours(FluxRunner(fast), 2, batch=batch)
@@ -308,8 +429,12 @@ if want("fp8") and fp8_ok:
                 emit()
             torch.cuda.set_per_process_memory_fraction(1.0)
         fast.to(DEV)
-    del fast
+    fast = runner = None
 free()
+if (want("comfy") or want("comfy_bf16")) and os.path.isdir(args.comfy):
+    flux = runner = None  # ComfyUI loads its own copy
+    free()
+    comfy_section(bf16_only=not want("comfy"))
 
 # --- schnell end to end: text encode + 4 steps + VAE decode ------------------------------------------------
 if want("e2e"):
@@ -373,4 +498,7 @@ R["best_ours"] = best[1]
 if "comfy_bf16_ms_per_step" in R:
     R["speedup_vs_comfy_bf16"] = {k[: -len("_ms_per_step")]: round(R["comfy_bf16_ms_per_step"] / v, 2)
                                   for k, v in R.items() if k.startswith("ours_") and k.endswith("_ms_per_step")}
+    for row in R.get("cache_rows", []):
+        if "ms_per_step" in row:
+            row["speedup_vs_comfy_bf16"] = round(R["comfy_bf16_ms_per_step"] / row["ms_per_step"], 2)
 emit()

@@ -16,19 +16,21 @@ import tempfile
 import time
 
 from devtools.comfy_server import ComfyServer
+from evaluation.embedded import DEMO_PROMPT, IMAGE_SIZE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, RECOMMENDED_T5_LENGTH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW = os.path.join(REPO, "example_workflows", "api", "flux_dev_text_to_image.json")
-PROMPT = "a large orange circle in the center, on a purple background"
+PROMPT = DEMO_PROMPT
 # The embedded model's files (registered by the pack) and the settings it was trained for.
 EMBEDDED = {"FluxWorksModelLoader": {"model_name": "flux1-shapes-tiny.safetensors"},
             "FluxWorksTextEncoderLoader": {"t5_name": "t5xxl_shapes_tiny.safetensors",
                                            "clip_name": "clip_l_shapes_tiny.safetensors"},
             "VAELoader": {"vae_name": "taef1_shapes_tiny.safetensors"},
-            "EmptySD3LatentImage": {"width": 128, "height": 128, "batch_size": 1},
-            "FluxWorksTextEncode": {"prompt": PROMPT, "max_sequence_length": "512"},
-            "FluxWorksGuidanceSchedule": {"start_value": 2.0, "end_value": 2.0, "shape": "constant"},
-            "FluxWorksSampler": {"steps": 12, "seed": 7},
+            "EmptySD3LatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1},
+            "FluxWorksTextEncode": {"prompt": PROMPT, "max_sequence_length": str(RECOMMENDED_T5_LENGTH)},
+            "FluxWorksGuidanceSchedule": {"start_value": RECOMMENDED_GUIDANCE, "end_value": RECOMMENDED_GUIDANCE,
+                                          "shape": "constant"},
+            "FluxWorksSampler": {"steps": RECOMMENDED_STEPS, "seed": 7},
             "SaveImage": {"filename_prefix": "fluxworks_demo"}}
 
 logger = logging.getLogger("fluxworks.demo")

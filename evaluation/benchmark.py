@@ -1,5 +1,6 @@
 """Adherence of the embedded model over held-out captions, for a set of sampler settings: steps and constant
-guidance, scheduled guidance, and true CFG with a negative prompt. Writes a JSON report and a picture grid.
+guidance, scheduled guidance, true CFG with a negative prompt, the step cache (compared with the same setting
+without cache) and T5 length 512. Writes a JSON report and a picture grid.
 
 Usage: python -m evaluation.benchmark --models embedded_model --json report.json --grid grid.png
 """
@@ -11,17 +12,26 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from flux_sampler.guidance import GuidanceCurve
+from flux_speed.step_cache import StepCacheConfig
 from training.shapes import held_out_captions, parse_caption, render
 
 from .adherence import colour_share, score_image, summarise
-from .embedded import EMBEDDED_DIR, EmbeddedPipeline
+from .cache_quality import cache_sweep, cache_to_dict, compare_to_reference, describe
+from .embedded import (
+    EMBEDDED_DIR,
+    RECOMMENDED_GUIDANCE,
+    RECOMMENDED_STEPS,
+    RECOMMENDED_T5_LENGTH,
+    EmbeddedPipeline,
+    Generation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,16 @@ class Setting:
     curve: GuidanceCurve
     negative: str | None = None
     tags: tuple[str, ...] = field(default=())
+    cache: StepCacheConfig | None = None
+    t5_length: int = RECOMMENDED_T5_LENGTH
+
+    def without_cache(self) -> Setting:
+        """The same sampling without step cache: the reference a cached row is compared with."""
+        return replace(self, name=f"reference without cache of {self.name!r}", tags=(), cache=None)
+
+    def sampling_key(self) -> tuple:
+        """Settings with equal keys sample the same images (the name and tags are labels only)."""
+        return (self.steps, self.curve, self.negative, self.t5_length, self.cache)
 
 
 def constant(g: float, steps: int, tags: tuple[str, ...] = ("sweep",)) -> Setting:
@@ -59,7 +79,22 @@ def default_settings(steps: int = 20, guidance: float = 3.5) -> list[Setting]:
         Setting(f"true CFG 3 neg 'red' first 50%, g={guidance:g}, {steps} steps", steps,
                 GuidanceCurve(guidance, guidance, cfg_scale=3.0, cfg_end_percent=0.5), "red", ("cfg",)),
     ]
-    return sweep[:4] + scheduled + cfg + sweep[4:]
+    return sweep[:4] + scheduled + cfg + sweep[4:] + cache_settings() + [t5_512_setting()]
+
+
+def cache_settings(steps: int = 28, guidance: float = RECOMMENDED_GUIDANCE) -> list[Setting]:
+    """The step cache sweep at the recommended guidance, from never reusing to reusing most steps; each row
+    is compared with the same setting without cache (in the sweep above, else sampled for the comparison)."""
+    curve = GuidanceCurve.constant(guidance)
+    return [Setting(f"{describe(c)}, g={guidance:g}, {steps} steps", steps, curve, None, ("cache",), c)
+            for c in cache_sweep()]
+
+
+def t5_512_setting() -> Setting:
+    """The recommended settings with 512 T5 tokens: the model trains mostly at 128 (15 % of batches at 512)."""
+    return Setting(f"constant g={RECOMMENDED_GUIDANCE:g}, {RECOMMENDED_STEPS} steps, T5 length 512",
+                   RECOMMENDED_STEPS, GuidanceCurve.constant(RECOMMENDED_GUIDANCE), None, ("t5_512",),
+                   t5_length=512)
 
 
 def _mentions_red(caption: str) -> bool:
@@ -72,32 +107,59 @@ def _red_share(images: np.ndarray) -> float:
     return float(np.mean([colour_share(img, "red") for img in images]))
 
 
-def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting, batch: int = 25,
-                     max_sequence_length: int = 512) -> tuple[dict, np.ndarray]:
-    """Summary of one setting over `captions` (overall, captions with / without red) and its images."""
-    start = time.monotonic()
-    images = []
+def sample_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting,
+                   batch: int = 25) -> Generation:
+    """All captions of one setting, `batch` at a time (caption i from noise seed NOISE_SEED + i); with a
+    cache, each batch is a fresh run and the counts are summed."""
+    runs = []
     for i in range(0, len(captions), batch):
         chunk = captions[i:i + batch]
         seeds = [NOISE_SEED + i + j for j in range(len(chunk))]
-        images.append(pipeline.generate(chunk, seeds, setting.steps, setting.curve, setting.negative,
-                                        max_sequence_length))
-    images = np.concatenate(images)
+        runs.append(pipeline.sample(chunk, seeds, setting.steps, setting.curve, setting.negative,
+                                    setting.t5_length, cache=setting.cache))
+    counts = [r.cache for r in runs if r.cache is not None]
+    return Generation(np.concatenate([r.images for r in runs]), torch.cat([r.latents for r in runs]),
+                      sum(counts[1:], counts[0]) if counts else None)
+
+
+def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting, batch: int = 25,
+                     reference: Generation | None = None) -> tuple[dict, Generation]:
+    """Summary of one setting over `captions` (overall, captions with / without red) and its generation;
+    a cached setting also reports reuse and error against `reference` (the same setting without cache)."""
+    if setting.cache is not None and reference is None:
+        raise ValueError(f"{setting.name!r} uses the step cache: pass the generation without cache as reference")
+    start = time.monotonic()
+    generation = sample_setting(pipeline, captions, setting, batch)
+    seconds = time.monotonic() - start
+    images = generation.images
     results = [score_image(img, cap) for img, cap in zip(images, captions, strict=True)]
     red = [r for r, c in zip(results, captions, strict=True) if _mentions_red(c)]
     other = [r for r, c in zip(results, captions, strict=True) if not _mentions_red(c)]
     summary = {
         "setting": setting.name, "tags": list(setting.tags), "steps": setting.steps,
-        "curve": setting.curve.to_dict(), "negative": setting.negative,
+        "curve": setting.curve.to_dict(), "negative": setting.negative, "t5_length": setting.t5_length,
+        "cache": cache_to_dict(setting.cache) if setting.cache is not None else None,
         **summarise(results),
         "adherence_red_captions": summarise(red)["adherence"] if red else None,
         "adherence_other_captions": summarise(other)["adherence"] if other else None,
         "red_pixel_share_other_captions": _red_share(
             np.stack([img for img, c in zip(images, captions, strict=True) if not _mentions_red(c)])) if other else None,
-        "seconds": round(time.monotonic() - start, 2),
     }
-    logger.info("%-50s adherence %.3f exact %.2f", setting.name, summary["adherence"], summary["exact"])
-    return summary, images
+    if setting.cache is not None:
+        reference_results = [score_image(img, cap) for img, cap in zip(reference.images, captions, strict=True)]
+        summary.update(compare_to_reference(generation, reference),
+                       adherence_no_cache=summarise(reference_results)["adherence"])
+    summary["seconds"] = round(seconds, 2)
+    logger.info("%-50s adherence %.3f exact %.2f%s", setting.name, summary["adherence"], summary["exact"],
+                _cache_log(summary))
+    return summary, generation
+
+
+def _cache_log(summary: dict) -> str:
+    if summary["cache"] is None:
+        return ""
+    return (f" reused {summary['cache_reused_calls']}/{summary['cache_calls']}"
+            f" latent error {summary['latent_rel_error_mean']:.4f}")
 
 
 def reference_scores(pipeline: EmbeddedPipeline, captions: list[str]) -> tuple[dict, dict, np.ndarray, np.ndarray]:
@@ -134,16 +196,28 @@ def _write_json(report: dict, path: str) -> None:
 
 def run(pipeline: EmbeddedPipeline, captions: list[str], settings: list[Setting], json_path: str,
         grid_path: str | None, grid_setting: int = 0) -> dict:
-    """Evaluate every setting; the JSON report is rewritten after each one, so a cut-off run keeps its part."""
+    """Evaluate every setting; the JSON report is rewritten after each one, so a cut-off run keeps its part.
+    The generations without cache that a cached row is compared with are kept (latents and images)."""
     truth, recon, renders, recon_images = reference_scores(pipeline, captions)
     report = {"captions": captions, "reference": {"clean_renders": truth, "vae_round_trip": recon}, "settings": []}
+    needed = {s.without_cache().sampling_key() for s in settings if s.cache is not None}
+    uncached: dict[tuple, Generation] = {}
     for index, setting in enumerate(settings):
-        summary, images = evaluate_setting(pipeline, captions, setting)
+        reference = None
+        if setting.cache is not None:
+            plain = setting.without_cache()
+            if plain.sampling_key() not in uncached:
+                logger.info("sampling %r as the reference of the cached rows", plain.name)
+                uncached[plain.sampling_key()] = sample_setting(pipeline, captions, plain)
+            reference = uncached[plain.sampling_key()]
+        summary, generation = evaluate_setting(pipeline, captions, setting, reference=reference)
+        if setting.sampling_key() in needed:
+            uncached[setting.sampling_key()] = generation
         report["settings"].append(summary)
         _write_json(report, json_path)
         if grid_path and index == grid_setting:
             n = min(10, len(captions))
-            picture_grid([renders[:n], recon_images[:n], images[:n]],
+            picture_grid([renders[:n], recon_images[:n], generation.images[:n]],
                          [f"rows: render, VAE round trip, {setting.name}"]).save(grid_path)
     return report
 
@@ -157,21 +231,30 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--grid", default=None)
-    parser.add_argument("--quick", action="store_true", help="two settings only (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="three 2-step settings only (smoke runs)")
+    parser.add_argument("--tags", default=None,
+                        help="comma-separated tags: only the settings with one of them (e.g. cache,t5_512)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = benchmark(args.models, (args.clip_tokenizer, args.t5_tokenizer), args.captions, args.device,
-                       args.json, args.grid, args.quick)
+                       args.json, args.grid, args.quick, tuple(args.tags.split(",")) if args.tags else None)
     logger.info("reference: %s", report["reference"])
 
 
 def benchmark(models: str, tokenizer_folders: tuple[str, str], count: int, device: str, json_path: str,
-              grid_path: str | None, quick: bool = False) -> dict:
-    """Load `models`, run the settings over `count` held-out captions, write the JSON report (fp32 compute)."""
+              grid_path: str | None, quick: bool = False, tags: tuple[str, ...] | None = None) -> dict:
+    """Load `models`, run the settings over `count` held-out captions, write the JSON report (fp32 compute).
+    `tags` keeps only the settings carrying one of them."""
     pipeline = EmbeddedPipeline.load(tokenizer_folders, models, device)
     settings = default_settings()
     if quick:
-        settings = [constant(3.5, 2), Setting("quick true CFG", 2, GuidanceCurve(3.5, 3.5, cfg_scale=3.0), "red")]
+        settings = [constant(3.5, 2), Setting("quick true CFG", 2, GuidanceCurve(3.5, 3.5, cfg_scale=3.0), "red"),
+                    Setting("quick cache", 2, GuidanceCurve.constant(3.5), None, ("cache",),
+                            StepCacheConfig(1.0, 0.0, 1.0, 1))]
+    if tags is not None:
+        settings = [s for s in settings if set(s.tags) & set(tags)]
+        if not settings:
+            raise ValueError(f"no benchmark setting carries any of the tags {tags}")
     grid_setting = next((i for i, s in enumerate(settings) if s.name == "constant g=2, 12 steps"), 0)
     return run(pipeline, held_out_captions(count, CAPTION_SEED), settings, json_path, grid_path, grid_setting)
 

@@ -20,6 +20,8 @@ from flux_sampler.guidance import GuidanceCurve
 from flux_sampler.latents import LATENT_CHANNELS, make_noise, to_vae_space
 from flux_sampler.sampling import TextConditioning, sample_flux
 from flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
+from flux_speed.runner import FluxRunner
+from flux_speed.step_cache import StepCacheConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_DIR = os.path.join(REPO, "embedded_model")
@@ -34,6 +36,7 @@ FILES = {
 # and 28 steps; 12 steps keeps edges smooth and the CPU fast).
 RECOMMENDED_STEPS = 12
 RECOMMENDED_GUIDANCE = 2.0
+RECOMMENDED_T5_LENGTH = 128  # trained mostly at 128 T5 tokens (10 % of batches at 512)
 IMAGE_SIZE = 128
 # One object: the model draws single objects reliably; with two or three it often mixes up colours (see docs).
 DEMO_PROMPT = "a large orange circle in the center, on a purple background"
@@ -47,6 +50,32 @@ def load_autoencoder(path: str, device: torch.device | str = "cpu") -> TinyAutoe
     if missing or unexpected:
         raise ValueError(f"{path} is not a taef1-layout VAE: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return vae.to(device).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """How often the step cache stood in for the deep blocks: `reused` of `calls` transformer evaluations
+    (one evaluation per step per prompt stream; the decision is taken for the whole batch at once)."""
+
+    reused: int
+    calls: int
+
+    @property
+    def reused_share(self) -> float:
+        return self.reused / self.calls if self.calls else 0.0
+
+    def __add__(self, other: CacheStats) -> CacheStats:
+        return CacheStats(self.reused + other.reused, self.calls + other.calls)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampling run: decoded images, the final raw VAE-space latents (float32, CPU) they were decoded
+    from, and the step cache's counts (None when sampled without cache)."""
+
+    images: np.ndarray
+    latents: torch.Tensor
+    cache: CacheStats | None
 
 
 @dataclass
@@ -75,17 +104,27 @@ class EmbeddedPipeline:
         return cls(transformer.to(dev), config.guidance_embeds, t5, clip, Tokenizers.from_folders(*tokenizer_folders),
                    load_autoencoder(paths["vae"], dev), dev, compute)
 
-    def encode(self, prompts: list[str], max_sequence_length: int = 512) -> TextConditioning:
+    def encode(self, prompts: list[str], max_sequence_length: int = RECOMMENDED_T5_LENGTH) -> TextConditioning:
         """Batched FLUX.1 conditioning, each prompt encoded exactly as FluxWorksTextEncode encodes it."""
         encoded = [encode(self.t5, self.clip, self.tokenizers, p, None, max_sequence_length, self.device)
                    for p in prompts]
         return TextConditioning(torch.cat([e.t5_embeds for e in encoded]), torch.cat([e.clip_pooled for e in encoded]))
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], steps: int = RECOMMENDED_STEPS,
                  curve: GuidanceCurve | None = None, negative: str | None = None,
-                 max_sequence_length: int = 512, size: int = IMAGE_SIZE) -> np.ndarray:
-        """(N, size, size, 3) uint8 images; prompt i starts from `make_noise(seed_i)` of one latent."""
+                 max_sequence_length: int = RECOMMENDED_T5_LENGTH, size: int = IMAGE_SIZE,
+                 cache: StepCacheConfig | None = None) -> np.ndarray:
+        """(N, size, size, 3) uint8 images; prompt i starts from `make_noise(seed_i)` of one latent.
+        `cache` samples through the first-block step cache (see `sample` for its counts)."""
+        return self.sample(prompts, seeds, steps, curve, negative, max_sequence_length, size, cache).images
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], steps: int = RECOMMENDED_STEPS,
+               curve: GuidanceCurve | None = None, negative: str | None = None,
+               max_sequence_length: int = RECOMMENDED_T5_LENGTH, size: int = IMAGE_SIZE,
+               cache: StepCacheConfig | None = None) -> Generation:
+        """As `generate`, also returning the final latents and, with `cache`, how many transformer calls
+        reused the cache. Each call starts a fresh cache state, so runs never share residuals."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         curve = curve or GuidanceCurve.constant(RECOMMENDED_GUIDANCE)
@@ -94,9 +133,19 @@ class EmbeddedPipeline:
         neg = self.encode([negative], max_sequence_length) if negative is not None else None
         noise = torch.cat([make_noise((1, LATENT_CHANNELS, *latent_hw), s) for s in seeds]).to(self.device)
         sigmas = get_sigmas(steps, calculate_mu(image_seq_len(*latent_hw)) if self.guidance_embeds else None)
-        x, _ = sample_flux(self.transformer, self.guidance_embeds, positive, neg, torch.zeros_like(noise), noise,
+        model: torch.nn.Module = self.transformer
+        runner = None
+        if cache is not None:
+            runner = FluxRunner(self.transformer, cache)
+            runner.begin(sigmas)
+            model = runner
+        x, _ = sample_flux(model, self.guidance_embeds, positive, neg, torch.zeros_like(noise), noise,
                            sigmas.to(self.device), curve, self.compute_dtype)
-        return self.decode(to_vae_space(x))
+        stats = None
+        if runner is not None and runner.cache_state is not None:
+            stats = CacheStats(runner.cache_state.hits, runner.cache_state.hits + runner.cache_state.misses)
+        latents = to_vae_space(x)
+        return Generation(self.decode(latents), latents.float().cpu(), stats)
 
     @torch.no_grad()
     def decode(self, raw_latents: torch.Tensor) -> np.ndarray:

@@ -1,5 +1,11 @@
-"""fp8 matmul linears: weights stored as float8_e4m3fn with one scale per output row, activations quantised
-per token on the fly, product by `torch._scaled_mm` on GPUs with fp8 tensor cores (Ada, Hopper, newer).
+"""fp8 matmul linears: weights stored as float8_e4m3fn, activations quantised on the fly, product by
+`torch._scaled_mm` on GPUs with fp8 tensor cores (Ada, Hopper, newer). Two scalings:
+
+- "rowwise": one scale per weight row and per activation token (closest to bf16; cuBLAS rowwise kernel).
+- "tensorwise": one scale for the whole weight (fixed at quantisation) and one for the whole activation
+  (its amax, computed on the device, so no host sync); cuBLAS's tensorwise path is the fastest fp8 GEMM and
+  takes the bias in its epilogue, at a coarser activation scale.
+
 Elsewhere the same quantised arithmetic is emulated in float32, so CPU tests check the same function."""
 
 from __future__ import annotations
@@ -7,12 +13,31 @@ from __future__ import annotations
 import torch
 
 E4M3_MAX = 448.0
+FP8_SCALINGS = ("rowwise", "tensorwise")
+_EPILOGUE_BIAS_DTYPES = (torch.bfloat16, torch.float16)  # _scaled_mm takes a bias only for these outputs
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> fp8 values and (N, 1) float32 scales with x ≈ values * scales (per-row absmax)."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return _to_fp8(x, scale), scale
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any shape -> fp8 values and one 0-dim float32 scale (absmax of the whole tensor). The amax stays on
+    the device, so quantising activations inside a compiled block never waits for the host."""
+    scale = x.abs().amax().float().clamp_min(1e-12) / E4M3_MAX
+    return _to_fp8(x, scale), scale
+
+
+def check_scaling(scaling: str) -> str:
+    if scaling not in FP8_SCALINGS:
+        raise ValueError(f"fp8 scaling must be one of {FP8_SCALINGS}, got {scaling!r}")
+    return scaling
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -23,14 +48,21 @@ def fp8_matmul_supported(device: torch.device) -> bool:
 
 
 class Fp8Linear(torch.nn.Module):
-    """Drop-in for nn.Linear (inference): y = (q(x) s_x) (q(W) s_W)^T + b, computed in fp8 where possible."""
+    """Drop-in for nn.Linear (inference): y = (q(x) s_x) (q(W) s_W)^T + b, computed in fp8 where possible.
+    `scaling` picks rowwise or tensorwise scales (see the module docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype) -> None:
+    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype, scaling: str = "rowwise") -> None:
         super().__init__()
-        weight, scale = quantize_rows(linear.weight.detach())
+        self.scaling = check_scaling(scaling)
+        weight = linear.weight.detach()
+        if scaling == "rowwise":
+            weight, scale = quantize_rows(weight)
+            scale = scale.reshape(1, -1).contiguous()  # (1, N), the layout _scaled_mm wants for scale_b
+        else:
+            weight, scale = quantize_tensor(weight)  # scale: 0-dim float32
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # (1, N)
+        self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(
             linear.bias.detach().to(out_dtype), requires_grad=False)
         self.out_dtype = out_dtype
@@ -38,15 +70,27 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_rows(x2)
+        if self.scaling == "rowwise":
+            xq, xs = quantize_rows(x2)  # (M, 1)
+        else:
+            xq, xs = quantize_tensor(x2)  # 0-dim
+        bias_in_gemm = self.scaling == "tensorwise" and self.out_dtype in _EPILOGUE_BIAS_DTYPES
         if fp8_matmul_supported(x.device):
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
+                                 bias=self.bias if bias_in_gemm else None, out_dtype=self.out_dtype)
         else:
-            y = ((xq.float() * xs) @ (self.weight.float() * self.weight_scale.t()).t()).to(self.out_dtype)
-        if self.bias is not None:
+            y = self._emulate(xq, xs, self.bias if bias_in_gemm else None)
+        if self.bias is not None and not bias_in_gemm:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _emulate(self, xq: torch.Tensor, xs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """_scaled_mm's arithmetic in float32: exact fp8 values, scaled, fp32 accumulation, one rounding."""
+        weight_scale = self.weight_scale if self.scaling == "tensorwise" else self.weight_scale.t()  # (N, 1)
+        y = (xq.float() * xs) @ (self.weight.float() * weight_scale).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(self.out_dtype)
 
 
 class Fp8WeightLinear(torch.nn.Module):
@@ -83,11 +127,13 @@ def _replace(block: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
 
 
-def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.dtype, fuse_qkv: bool = True) -> int:
+def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.dtype, fuse_qkv: bool = True,
+                                 scaling: str = "rowwise") -> int:
     """Swap the linears of the repeated blocks for fp8 ones: token-wise products get fp8 matmul
-    (Fp8Linear), the per-image modulation linears fp8 storage (Fp8WeightLinear). With `fuse_qkv`, q/k/v are
-    first fused into one projection (diffusers' fused path), so one activation quantisation feeds one
-    larger GEMM. Returns how many linears were swapped."""
+    (Fp8Linear with `scaling`), the per-image modulation linears fp8 storage (Fp8WeightLinear). With
+    `fuse_qkv`, q/k/v are first fused into one projection (diffusers' fused path), so one activation
+    quantisation feeds one larger GEMM. Returns how many linears were swapped."""
+    check_scaling(scaling)
     if fuse_qkv:
         fuse_attention_projections(transformer)
     swapped = 0
@@ -96,7 +142,10 @@ def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.
             for name, module in list(block.named_modules()):
                 if not isinstance(module, torch.nn.Linear):
                     continue
-                wrapper = Fp8WeightLinear if "norm" in name else Fp8Linear
-                _replace(block, name, wrapper(module, out_dtype))
+                if "norm" in name:
+                    swapped_in = Fp8WeightLinear(module, out_dtype)
+                else:
+                    swapped_in = Fp8Linear(module, out_dtype, scaling)
+                _replace(block, name, swapped_in)
                 swapped += 1
     return swapped

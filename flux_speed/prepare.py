@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .compile import best_attention_backend, compile_blocks, set_attention_backend
-from .fp8_linear import fp8_matmul_supported, quantize_transformer_linears
+from .fp8_linear import FP8_SCALINGS, fp8_matmul_supported, quantize_transformer_linears
 from .runner import FluxRunner
 from .step_cache import StepCacheConfig
 
@@ -28,10 +28,13 @@ class SpeedOptions:
     attention: str = "auto"
     fp8_matmul: bool = False
     cache: StepCacheConfig | None = None
+    fp8_scaling: str = "rowwise"  # "tensorwise": faster GEMM, one scale per tensor (see fp8_linear)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"fp8_scaling must be one of {FP8_SCALINGS}, got {self.fp8_scaling!r}")
 
 
 def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
@@ -59,7 +62,7 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
         set_attention_backend(model, backend)
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
-            quantize_transformer_linears(model, compute_dtype)
+            quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling)
         else:
             logger.warning("fp8 matmul needs an Ada/Hopper-class NVIDIA GPU; using %s matmul", compute_dtype)
     if options.compile:

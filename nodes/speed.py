@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..flux_speed.fp8_linear import FP8_SCALINGS
 from ..flux_speed.prepare import ATTENTION_CHOICES, SpeedOptions
 from ..flux_speed.step_cache import StepCacheConfig
 from . import host
@@ -35,6 +36,10 @@ class FluxWorksSpeed:
                                        "faster, small numeric change (see docs/performance.md)."}),
             "attention": (list(ATTENTION_CHOICES), {"default": "auto",
                                                      "tooltip": "auto: cuDNN attention on NVIDIA GPUs."}),
+        }, "optional": {
+            "fp8_scaling": (list(FP8_SCALINGS), {"default": "rowwise", "tooltip": "fp8 matmul scales. rowwise: per "
+                            "weight row and per token (closest to bf16). tensorwise: one per tensor, a faster GEMM "
+                            "with a slightly larger numeric change."}),
         }}
 
     RETURN_TYPES = (host.FLUX_MODEL,)
@@ -42,9 +47,10 @@ class FluxWorksSpeed:
     CATEGORY = host.CATEGORY
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
-    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str):
+    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise"):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
-        options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention)
+        options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
+                          fp8_scaling=fp8_scaling)
         return (with_options(patcher, options),)
 
 

@@ -11,6 +11,8 @@ from . import host
 
 logger = logging.getLogger(__name__)
 
+T5_LENGTHS = ("512", "256", "128")
+
 
 class FluxWorksTextEncode:
     @classmethod
@@ -22,8 +24,9 @@ class FluxWorksTextEncode:
                                       "tooltip": "Read by T5-XXL (and by CLIP-L when clip_prompt is empty)."}),
                 "clip_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                            "tooltip": "Optional separate prompt for CLIP-L (77 tokens)."}),
-                "max_sequence_length": (["512", "256"], {
-                    "default": "512", "tooltip": "T5 tokens: dev was trained with 512, schnell with 256."}),
+                "max_sequence_length": (list(T5_LENGTHS), {
+                    "default": "512", "tooltip": "T5 tokens: dev was trained with 512, schnell with 256; 128 is "
+                                                 "faster for short prompts (the embedded shapes model uses 128)."}),
             }
         }
 
@@ -34,8 +37,9 @@ class FluxWorksTextEncode:
 
     def encode(self, text_encoder, prompt: str, clip_prompt: str, max_sequence_length: str):
         te = host.expect(text_encoder, host.FLUX_TEXT_ENCODER, "FluxWorksTextEncode")
-        if str(max_sequence_length) not in ("256", "512"):
-            raise ValueError(f"max_sequence_length must be 256 or 512, got {max_sequence_length!r}")
+        if str(max_sequence_length) not in T5_LENGTHS:
+            raise ValueError(f"max_sequence_length must be one of {', '.join(T5_LENGTHS)}, "
+                             f"got {max_sequence_length!r}")
         device = host.load_on_device(te)
         holder = te.model
         result = encode(holder.t5, holder.clip, holder.tokenizers, prompt, clip_prompt or None,

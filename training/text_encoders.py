@@ -18,7 +18,7 @@ from flux_models.text_encoders import CLIP_MAX_LENGTH, Tokenizers
 
 T5_WIDTH = 64
 CLIP_WIDTH = 64  # CLIP text towers use 64-wide heads: one head at this width
-T5_KEPT_TOKENS = 48  # captions need at most ~40 T5 tokens; the rest of a 256/512 sequence is padding
+T5_KEPT_TOKENS = 48  # captions need at most ~40 T5 tokens; the rest of a 128/256/512 sequence is padding
 T5_VOCAB = 32128
 CLIP_VOCAB = 49408
 T5_SETTINGS = dict(d_model=T5_WIDTH, d_kv=32, d_ff=256, num_layers=3, num_heads=2)
@@ -49,7 +49,7 @@ def build_text_encoders(seed: int):
 def tokenize(tokenizers: Tokenizers, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(T5 ids (N, T5_KEPT_TOKENS), CLIP ids (N, 77)) tokenized as `FluxWorksTextEncode` tokenizes a prompt.
 
-    Only the first `T5_KEPT_TOKENS` T5 columns are kept (the rest of a 256/512 sequence is padding).
+    Only the first `T5_KEPT_TOKENS` T5 columns are kept (the rest of a 128/256/512 sequence is padding).
     """
     pad = int(tokenizers.t5.pad_token_id)
     t5 = tokenizers.t5(captions, padding="max_length", max_length=T5_KEPT_TOKENS + 1, truncation=True,

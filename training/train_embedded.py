@@ -63,11 +63,11 @@ def preflight(device: torch.device, tokenizers: Tokenizers, batch: int, seed: in
     data = FlowData.build(latents, tokens, empty)
     flux = build_flux(seed).to(device)
     t5, clip = (m.to(device) for m in build_text_encoders(seed))
-    for short in (0.0, 1.0):
-        plan = Schedule(3, batch, 1e-4, deadline=float("inf"), short_t5=short)
+    for long_share in (0.0, 1.0):
+        plan = Schedule(3, batch, 1e-4, deadline=float("inf"), long_t5=long_share)
         ema = train_flow(flux, t5, clip, data, plan, seed)
         teacher, t5_avg, clip_avg = ema.copies()
-        distill_guidance(teacher, t5_avg, clip_avg, data, Schedule(2, batch, 1e-4, float("inf"), short_t5=short), seed)
+        distill_guidance(teacher, t5_avg, clip_avg, data, Schedule(2, batch, 1e-4, float("inf"), long_t5=long_share), seed)
     logger.info("preflight passed")
 
 
@@ -83,10 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flow-steps", type=int, default=4000)
     parser.add_argument("--flow-batch", type=int, default=256)
     parser.add_argument("--flow-lr", type=float, default=5e-4)
-    parser.add_argument("--distill-steps", type=int, default=1000)
+    parser.add_argument("--distill-steps", type=int, default=1000, help="0: stop after the flow stage")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--time-limit", type=float, default=480.0,
-                        help="seconds; the stages end by 26%%/74%%/90%% of it even if steps remain")
+                        help="seconds; the stages end by 26%%/74%%/90%% of it even if steps remain (flow by 90%% "
+                             "when --distill-steps is 0)")
     parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
     parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.vae_steps, args.vae_batch = 64, 3, 2
-        args.flow_steps, args.flow_batch, args.distill_steps = 3, 4, 2
+        args.flow_steps, args.flow_batch, args.distill_steps = 3, 4, min(args.distill_steps, 2)
         args.time_limit = max(args.time_limit, 3600.0)  # step-limited, however slow the CPU
     return args
 
@@ -156,18 +157,24 @@ def main(argv: list[str] | None = None) -> None:
         export_flux(flux_avg, paths["transformer"])
         export_text_encoders(t5_avg, clip_avg, args.out, FILES["t5"], FILES["clip_l"])
 
-    flow_plan = Schedule(args.flow_steps, args.flow_batch, args.flow_lr, deadline=start + 0.74 * args.time_limit)
+    distill = args.distill_steps > 0
+    flow_plan = Schedule(args.flow_steps, args.flow_batch, args.flow_lr,
+                         deadline=start + (0.74 if distill else 0.90) * args.time_limit)
     ema = train_flow(flux, t5, clip, data, flow_plan, args.seed + 1, checkpoint=save_stage1)
     save_stage1(ema)
     teacher, t5_avg, clip_avg = ema.copies()
     del flux, t5, clip, ema
+    if not distill:
+        logger.info("no guidance distillation (--distill-steps 0): the exported transformer is the flow model")
 
     def save_stage2(student_ema: EMA) -> None:
         export_flux(student_ema.copies()[0], paths["transformer"])
 
-    distill_plan = Schedule(args.distill_steps, args.flow_batch, args.distill_lr,
-                            deadline=start + 0.90 * args.time_limit)
-    save_stage2(distill_guidance(teacher, t5_avg, clip_avg, data, distill_plan, args.seed + 2, checkpoint=save_stage2))
+    if distill:
+        distill_plan = Schedule(args.distill_steps, args.flow_batch, args.distill_lr,
+                                deadline=start + 0.90 * args.time_limit)
+        save_stage2(distill_guidance(teacher, t5_avg, clip_avg, data, distill_plan, args.seed + 2,
+                                     checkpoint=save_stage2))
     sizes = {name: os.path.getsize(p) for name, p in paths.items()}
     logger.info("exported %s: %s bytes, %.1f MB in all (%.1f s)", args.out, sizes, sum(sizes.values()) / 1e6,
                 time.monotonic() - start)

@@ -44,7 +44,7 @@ DOCUMENTED = {
 DOCUMENTED_CHOICES = {
     ("FluxWorksModelLoader", "weight_dtype"): ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"],
     ("FluxWorksTextEncoderLoader", "weight_dtype"): ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"],
-    ("FluxWorksTextEncode", "max_sequence_length"): ["512", "256"],
+    ("FluxWorksTextEncode", "max_sequence_length"): ["512", "256", "128"],
     ("FluxWorksGuidanceSchedule", "shape"): ["constant", "linear", "cosine", "exponential", "step"],
 }
 

@@ -18,6 +18,7 @@ from evaluation.embedded import (
     FILES,
     RECOMMENDED_GUIDANCE,
     RECOMMENDED_STEPS,
+    RECOMMENDED_T5_LENGTH,
 )
 from flux_sampler.guidance import GuidanceCurve
 
@@ -40,7 +41,7 @@ def _text_to_image(model: dict) -> dict:
         "te": {"class_type": "FluxWorksTextEncoderLoader",
                "inputs": {"t5_name": os.path.basename(FILES["t5"]), "clip_name": os.path.basename(FILES["clip_l"]), "weight_dtype": "default"}},
         "enc": {"class_type": "FluxWorksTextEncode", "inputs": {"text_encoder": ["te", 0], "prompt": DEMO_PROMPT,
-                                                                "clip_prompt": "", "max_sequence_length": "512"}},
+                                                                "clip_prompt": "", "max_sequence_length": str(RECOMMENDED_T5_LENGTH)}},
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "model": model,
         "sample": {"class_type": "FluxWorksSampler", "inputs": {

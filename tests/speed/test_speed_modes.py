@@ -8,7 +8,7 @@ import torch
 from devtools.tiny_models import random_flux
 from flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
 from flux_sampler.latents import make_noise
-from flux_speed.fp8_linear import Fp8Linear, quantize_transformer_linears
+from flux_speed.fp8_linear import FP8_SCALINGS, Fp8Linear, quantize_tensor, quantize_transformer_linears
 from flux_speed.offload import BlockOffloader
 from flux_speed.runner import FluxRunner
 from flux_speed.step_cache import StepCacheConfig
@@ -65,17 +65,59 @@ def test_cache_keeps_positive_and_negative_streams_apart(model, cond):
     assert len(runner.cache_state.streams) == 2
 
 
-def test_fp8_linear_matches_linear_within_fp8_precision():
+@pytest.mark.parametrize("scaling", FP8_SCALINGS)
+def test_fp8_linear_matches_linear_within_fp8_precision(scaling):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 384)
     x = torch.randn(3, 7, 256)
     with torch.no_grad():
-        assert rel_err(Fp8Linear(linear, torch.float32)(x), linear(x)) < 0.06
+        assert rel_err(Fp8Linear(linear, torch.float32, scaling)(x), linear(x)) < 0.06
 
 
-def test_fp8_transformer_stays_close_to_eager(model, cond):
+def test_tensorwise_scaling_trades_accuracy_on_uneven_tokens():
+    """One token 10^5 times louder sets the whole activation's scale, pushing the quiet tokens into fp8's
+    subnormal range where they lose precision: the cost of the faster tensorwise GEMM, which per-token
+    (rowwise) scaling avoids. Within ~100x of each other, tokens keep full fp8 precision either way."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384, bias=False)
+    x = torch.randn(16, 256)
+    x[0] *= 1e5
+    with torch.no_grad():
+        quiet = linear(x)[1:]
+        errors = {s: rel_err(Fp8Linear(linear, torch.float32, s)(x)[1:], quiet) for s in FP8_SCALINGS}
+    assert errors["rowwise"] < 0.06 < errors["tensorwise"]
+
+
+def test_tensorwise_emulation_equals_torch_scaled_mm():
+    """On the CPU, Fp8Linear computes what torch._scaled_mm's tensorwise path computes (bias in the epilogue,
+    bf16 output), called exactly as the GPU path calls it."""
+    torch.manual_seed(0)
+    layer = Fp8Linear(torch.nn.Linear(256, 384), torch.bfloat16, "tensorwise")
+    assert layer.weight_scale.numel() == 1 and layer.weight_scale.dtype == torch.float32
+    x = torch.randn(4, 8, 256, dtype=torch.bfloat16)
+    xq, xs = quantize_tensor(x.reshape(-1, 256))
+    try:
+        expected = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs, scale_b=layer.weight_scale, bias=layer.bias,
+                                    out_dtype=torch.bfloat16)
+    except (NotImplementedError, RuntimeError) as e:
+        pytest.skip(f"this torch build has no CPU _scaled_mm: {e}")
+    with torch.no_grad():
+        assert rel_err(layer(x).reshape(-1, 384).float(), expected.float()) < 1e-2
+
+
+def test_unknown_fp8_scaling_is_refused():
+    from flux_speed.prepare import SpeedOptions
+
+    with pytest.raises(ValueError, match="fp8_scaling"):
+        SpeedOptions(fp8_matmul=True, fp8_scaling="blockwise")
+    with pytest.raises(ValueError, match="fp8 scaling"):
+        Fp8Linear(torch.nn.Linear(16, 16), torch.float32, "columnwise")
+
+
+@pytest.mark.parametrize("scaling", FP8_SCALINGS)
+def test_fp8_transformer_stays_close_to_eager(model, cond, scaling):
     fast = copy.deepcopy(model)
-    assert quantize_transformer_linears(fast, torch.float32) > 0
+    assert quantize_transformer_linears(fast, torch.float32, scaling=scaling) > 0
     assert rel_err(sample(fast, cond), sample(model, cond)) < 0.1
 
 
