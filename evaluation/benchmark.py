@@ -78,6 +78,12 @@ def default_settings(steps: int = 20, guidance: float = 3.5) -> list[Setting]:
     ] + [
         Setting(f"true CFG 3 neg 'red' first 50%, g={guidance:g}, {steps} steps", steps,
                 GuidanceCurve(guidance, guidance, cfg_scale=3.0, cfg_end_percent=0.5), "red", ("cfg",)),
+    ] + [
+        # True CFG as it is used on FLUX.1-dev: distilled guidance 1, the CFG scale does the guiding. The
+        # empty negative is the control that separates "CFG" from "the negative prompt 'red'".
+        Setting(f"true CFG {s:g} neg {neg!r}, g=1, {steps} steps", steps,
+                GuidanceCurve(1.0, 1.0, cfg_scale=s), neg, ("cfg",))
+        for s, neg in ((1.5, "red"), (2.0, "red"), (3.0, "red"), (2.0, ""))
     ]
     return sweep[:4] + scheduled + cfg + sweep[4:] + cache_settings() + [t5_512_setting()]
 
