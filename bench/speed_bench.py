@@ -2,12 +2,16 @@
 in one run on one card, on the full FLUX.1 architecture with random weights initialised on the GPU.
 
 Usage (repo root): python bench/speed_bench.py [--tiny] [--steps 28] [--res 1024] [--comfy .comfy] [--out DIR]
-    [--sections all|diffusers,compile,cache,fp8,fp8_rowwise,fp8_tensorwise,comfy,comfy_bf16,batch,memory,e2e]
+    [--sections all|diffusers,compile,cache,fp8,fp8_rowwise,fp8_tensorwise,fp8_variants,comfy,comfy_bf16,batch,
+                memory,e2e]
     [--cache-configs "0.6:0.1:0.9:3,..."] [--profile]
 --tiny runs a 1+1-block model on the CPU to check the script. Prints one JSON line per finished section.
 Our bf16 eager run (the error reference) always runs. `fp8` runs both fp8 scalings (rowwise, tensorwise);
 the step-cache rows and --profile use the faster of the two. `comfy` runs all ComfyUI modes, `comfy_bf16`
-only its bf16 baseline.
+only its bf16 baseline. `fp8_variants` (not in `all`: minutes of compiling) times compiled rowwise fp8 alone
+and with each --fp8-variants option (fast accumulation, calibrated static activation scales, the same with
+tensorwise weights, Inductor kernel tuning), then the options that were faster, together (keys ours_fp8v_*,
+each with _options; with --profile the fastest is profiled too, key profile_fp8v_fastest_step). `e2e` splits the schnell image time into text encode, denoise and VAE decode.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from flux_sampler.latents import make_noise, to_vae_space, unpack
 from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
 from flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
 from flux_speed.offload import BlockOffloader
+from flux_speed.prepare import make_runner
 from flux_speed.runner import FluxRunner
 from flux_speed.step_cache import StepCacheConfig
 
@@ -41,9 +46,12 @@ ap.add_argument("--sections", default="all")
 ap.add_argument("--cache-configs", default="0.1:0.1:0.9:3,0.3:0.1:0.9:3,0.6:0.1:0.9:3",
                 help="step-cache rows on the fastest fp8 mode, threshold:start:end:max_consecutive, comma-separated "
                      "('' for none)")
+ap.add_argument("--fp8-variants", default="fast_accum,calibrated,calibrated_tensorwise,tuned",  # FP8_VARIANT_NAMES
+                help="fp8_variants section: which options to time alone next to the rowwise baseline, comma-separated")
 ap.add_argument("--profile", action="store_true",
                 help="profile one compiled fp8 step with torch.profiler; the top-15 kernels go into the JSON")
 args = ap.parse_args()
+BENCH_START = time.perf_counter()
 DEV = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
 R: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
@@ -65,10 +73,18 @@ def parse_cache_configs(text: str) -> list[StepCacheConfig]:
 
 
 CACHE_CONFIGS = parse_cache_configs(args.cache_configs)
+FP8_VARIANT_NAMES = ("fast_accum", "calibrated", "calibrated_tensorwise", "tuned")
+CHOSEN_FP8_VARIANTS = set(filter(None, (name.strip() for name in args.fp8_variants.split(","))))
+if CHOSEN_FP8_VARIANTS - set(FP8_VARIANT_NAMES):
+    ap.error(f"--fp8-variants: unknown {sorted(CHOSEN_FP8_VARIANTS - set(FP8_VARIANT_NAMES))}, "
+             f"choose from {FP8_VARIANT_NAMES}")
+
+
+OPT_IN_SECTIONS = {"fp8_variants"}  # minutes of compiling (kernel tuning): not part of "all"
 
 
 def want(name: str) -> bool:
-    return "all" in SECTIONS or name in SECTIONS
+    return name in SECTIONS or ("all" in SECTIONS and name not in OPT_IN_SECTIONS)
 
 
 def emit() -> None:
@@ -327,7 +343,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
 
 
-def profile_step(model, mode_tag: str) -> None:
+def profile_step(model, mode_tag: str, key: str = "profile_fp8_step") -> None:
     """Where one compiled fp8 step spends its time: the top-15 device kernels by total time, and the time per
     kind (GEMM / attention / inductor-fused elementwise / other). On the CPU (--tiny) the same table lists
     operators by self CPU time, which only checks the code path."""
@@ -336,6 +352,7 @@ def profile_step(model, mode_tag: str) -> None:
 
     on_gpu = DEV == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    ours(make_runner(model), 2)  # calibrated fp8 linears measure on step 1 and freeze; a plain runner keeps that
     ours(FluxRunner(model), 1)  # warm for the 1-step schedule
     with profile(activities=activities) as prof:
         ours(FluxRunner(model), 1)
@@ -350,7 +367,7 @@ def profile_step(model, mode_tag: str) -> None:
     for name, us in totals.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
     top = sorted(totals.items(), key=lambda item: -item[1])[:15]
-    R["profile_fp8_step"] = {
+    R[key] = {
         "mode": mode_tag, "timer": "CUDA kernel time" if on_gpu else "CPU self time (tiny check only)",
         "total_ms": round(total_us / 1000, 2),
         "top_kernels": [{"name": name[:160], "kind": kernel_kind(name), "ms": round(us / 1000, 3),
@@ -431,6 +448,77 @@ if fast is not None:
         fast.to(DEV)
     fast = runner = None
 free()
+
+# --- fp8 variants: each option alone on compiled rowwise fp8, then the options that helped, together -----------
+FP8_VARIANT_CHOICES = (("ours_fp8v_rowwise_compile", {}),
+                       ("ours_fp8v_fast_accum_compile", {"fast_accum": True}),
+                       ("ours_fp8v_calibrated_compile", {"activations": "calibrated"}),
+                       # tensorwise weights: cuBLAS's fastest fp8 GEMM, bias in its epilogue; the global amax
+                       # that made dynamic tensorwise slower is what calibration removes
+                       ("ours_fp8v_calibrated_tensorwise_compile",
+                        {"activations": "calibrated", "scaling": "tensorwise"}),
+                       ("ours_fp8v_tuned_compile", {"tune_kernels": True}))
+FP8_VARIANTS = FP8_VARIANT_CHOICES[:1] + tuple(
+    (tag, options) for tag, options in FP8_VARIANT_CHOICES[1:] if tag[len("ours_fp8v_"):-len("_compile")]
+    in CHOSEN_FP8_VARIANTS)
+
+
+def fp8_variant(tag: str, source, fast_accum: bool = False, activations: str = "dynamic",
+                tune_kernels: bool = False, scaling: str = "rowwise"):
+    """A fresh fp8 model with these options, compiled and timed; returns it, or None if it failed.
+    Calibrated models run through a CalibratingRunner, so every timed run spends its first step calibrating
+    (included in ms/step, as in real use)."""
+    model = copy.deepcopy(source) if args.tiny else new_flux()
+    set_attention_backend(model, backend)
+    quantize_transformer_linears(model, DT, scaling=scaling, fast_accum=fast_accum, activations=activations)
+    free()
+    R[tag + "_options"] = {"scaling": scaling, "fast_accum": fast_accum, "activations": activations,
+                           "tune_kernels": tune_kernels}
+    compile_blocks(model, tune_kernels=tune_kernels)
+    return model if timed(tag, make_runner(model), REF) is not None else None
+
+
+def fp8_variants_section() -> None:
+    global flux
+    started = time.perf_counter()
+    source = flux if args.tiny else None
+    if not args.tiny:
+        flux = None
+        free()
+    best_tag, best_model = None, None
+
+    def keep_if_fastest(tag: str, model) -> None:
+        nonlocal best_tag, best_model
+        if model is not None and (best_tag is None or R[tag + "_ms_per_step"] < R[best_tag + "_ms_per_step"]):
+            best_tag, best_model = tag, model
+
+    for tag, options in FP8_VARIANTS:
+        keep_if_fastest(tag, fp8_variant(tag, source, **options))
+        free()
+    baseline = R.get(FP8_VARIANTS[0][0] + "_ms_per_step")
+    faster = [(R[tag + "_ms_per_step"], options) for tag, options in FP8_VARIANTS[1:]
+              if baseline is not None and R.get(tag + "_ms_per_step", float("inf")) < baseline]
+    helped = {}
+    for _, options in sorted(faster, key=lambda item: -item[0]):
+        helped.update(options)  # slowest first: where two variants set one option, the faster one's value wins
+    R["fp8v_combo_options"] = helped
+    if helped and all(helped != options for _, options in FP8_VARIANTS):  # not already timed alone
+        keep_if_fastest("ours_fp8v_combo_compile", fp8_variant("ours_fp8v_combo_compile", source, **helped))
+        free()
+    R["fp8v_fastest"] = best_tag
+    if best_model is not None and args.profile:
+        try:
+            profile_step(best_model, best_tag, "profile_fp8v_fastest_step")
+        except Exception as e:  # noqa: BLE001 - a failed profile is recorded and the run goes on
+            R["profile_fp8v_error"] = repr(e)[:400]
+    best_model = None
+    free()
+    R["fp8v_section_s"] = round(time.perf_counter() - started, 1)
+    emit()
+
+
+if fp8_ok and want("fp8_variants"):
+    fp8_variants_section()
 if (want("comfy") or want("comfy_bf16")) and os.path.isdir(args.comfy):
     flux = runner = None  # ComfyUI loads its own copy
     free()
@@ -469,25 +557,41 @@ if want("e2e"):
 
     @torch.no_grad()
     def generate():
+        """One image; returns it and the seconds of each phase (synchronised at the phase borders)."""
+        marks = [time.perf_counter()]
         enc = encode(t5, clip, tok, "a photo of a red fox in the snow", None, 256, torch.device(DEV))
+        sync()
+        marks.append(time.perf_counter())
         shape = (1, 16, LAT, LAT)
         sigmas = get_sigmas(4, None).to(DEV)
         runner.begin(sigmas)
         x, _ = sample_flux(runner, False, TextConditioning(enc.t5_embeds.to(DT), enc.clip_pooled.to(DT)), None,
                            torch.zeros(shape, device=DEV), make_noise(shape, 1).to(DEV), sigmas,
                            GuidanceCurve.constant(0.0), DT)
-        return vae.decode(to_vae_space(x).to(DT), return_dict=False)[0]
+        sync()
+        marks.append(time.perf_counter())
+        image = vae.decode(to_vae_space(x).to(DT), return_dict=False)[0]
+        sync()
+        marks.append(time.perf_counter())
+        return image, [marks[i + 1] - marks[i] for i in range(len(marks) - 1)]
+
+    def median(values):
+        return round(sorted(values)[len(values) // 2], 3)
 
     for _ in range(2):
         generate()
-    times = []
+    times, phases = [], []
     for _ in range(5):
         sync()
         t = time.perf_counter()
-        image = generate()
+        image, phase_s = generate()
         sync()
         times.append(time.perf_counter() - t)
-    R["schnell_e2e_4steps_s"] = round(sorted(times)[len(times) // 2], 3)
+        phases.append(phase_s)
+    R["schnell_e2e_4steps_s"] = median(times)
+    for index, phase in enumerate(("text_encode", "denoise_4steps", "vae_decode")):
+        R[f"schnell_e2e_{phase}_s"] = median([p[index] for p in phases])
+    R["schnell_e2e_denoise_ms_per_step"] = round(R["schnell_e2e_denoise_4steps_s"] / 4 * 1000, 1)
     R["schnell_e2e_image_shape"] = list(image.shape)
     del t5, clip, vae, schnell, runner
     free()
@@ -495,6 +599,7 @@ if want("e2e"):
 
 best = min((v, k) for k, v in R.items() if k.startswith("ours_") and k.endswith("_ms_per_step"))
 R["best_ours"] = best[1]
+R["bench_total_s"] = round(time.perf_counter() - BENCH_START, 1)
 if "comfy_bf16_ms_per_step" in R:
     R["speedup_vs_comfy_bf16"] = {k[: -len("_ms_per_step")]: round(R["comfy_bf16_ms_per_step"] / v, 2)
                                   for k, v in R.items() if k.startswith("ours_") and k.endswith("_ms_per_step")}

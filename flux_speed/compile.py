@@ -8,14 +8,24 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Inductor kernel tuning for the blocks: coordinate descent over each Triton kernel's launch config (block
+# sizes, warps) and the wider pointwise/reduction config search; aimed at the per-token fp8 quantisation
+# reductions. Passed per compile (torch.compile(options=...)), so the process-wide Inductor config is untouched.
+KERNEL_TUNING_OPTIONS = {"coordinate_descent_tuning": True, "max_autotune_pointwise": True}
 
-def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> None:
+
+def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, tune_kernels: bool = False) -> None:
     """Compile each double/single block once (they share code, so the cache is reused across blocks and
-    resolutions become dynamic after the first change instead of recompiling every run)."""
+    resolutions become dynamic after the first change instead of recompiling every run). `tune_kernels`
+    benchmarks kernel configs while compiling (slower first run, possibly faster steps)."""
+    if tune_kernels and mode is not None:
+        raise ValueError("compile_blocks: tune_kernels sets Inductor options, which torch.compile cannot combine "
+                         f"with mode={mode!r}")
+    kwargs = {"options": dict(KERNEL_TUNING_OPTIONS)} if tune_kernels else {"mode": mode}
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
         for block in blocks:
-            block.compile(fullgraph=True, dynamic=None, mode=mode)
+            block.compile(fullgraph=True, dynamic=None, **kwargs)
 
 
 def best_attention_backend(device: torch.device) -> str:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import torch
 
 from .compile import best_attention_backend, compile_blocks, set_attention_backend
-from .fp8_linear import FP8_SCALINGS, fp8_matmul_supported, quantize_transformer_linears
+from .fp8_linear import (
+    FP8_ACTIVATIONS,
+    FP8_SCALINGS,
+    calibrated_linears,
+    fp8_matmul_supported,
+    freeze_calibration,
+    quantize_transformer_linears,
+    start_calibration,
+)
 from .runner import FluxRunner
 from .step_cache import StepCacheConfig
 
@@ -29,12 +37,56 @@ class SpeedOptions:
     fp8_matmul: bool = False
     cache: StepCacheConfig | None = None
     fp8_scaling: str = "rowwise"  # "tensorwise": faster GEMM, one scale per tensor (see fp8_linear)
+    fp8_fast_accum: bool = False  # _scaled_mm's fast accumulation (GPU only)
+    fp8_activations: str = "dynamic"  # "calibrated": static scales measured on the first step of each run
+    tune_kernels: bool = False  # Inductor kernel tuning while compiling (slower first run)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if self.fp8_scaling not in FP8_SCALINGS:
             raise ValueError(f"fp8_scaling must be one of {FP8_SCALINGS}, got {self.fp8_scaling!r}")
+        if self.fp8_activations not in FP8_ACTIVATIONS:
+            raise ValueError(f"fp8_activations must be one of {FP8_ACTIVATIONS}, got {self.fp8_activations!r}")
+
+
+class CalibratingRunner(FluxRunner):
+    """A FluxRunner for models with calibrated fp8 linears: each sampling run (`begin`) measures activation
+    amax during its first step (all calls at the first timestep, so both CFG streams count) and freezes the
+    static scales when the next timestep arrives. A run of one step simply stays on dynamic scales."""
+
+    def __init__(self, transformer: torch.nn.Module, cache: StepCacheConfig | None = None) -> None:
+        super().__init__(transformer, cache)
+        self._restart_calibration()
+
+    def _restart_calibration(self) -> None:
+        start_calibration(self.transformer)
+        self._calibration_timestep: float | None = None
+        self.calibrating = True
+
+    def begin(self, sigmas: torch.Tensor) -> None:
+        super().begin(sigmas)
+        self._restart_calibration()
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, *args, **kwargs):
+        if self.calibrating:
+            value = float(timestep.detach().flatten()[0])
+            if self._calibration_timestep is None:
+                self._calibration_timestep = value
+            elif value != self._calibration_timestep:
+                freeze_calibration(self.transformer)
+                self.calibrating = False
+        return super().forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, *args, **kwargs)
+
+
+def make_runner(model: torch.nn.Module, cache: StepCacheConfig | None = None, offloader=None) -> FluxRunner:
+    """CalibratingRunner when `model` has calibrated fp8 linears (they need one), else FluxRunner. Block
+    offload is refused with them: it swaps each block's tensors for host copies, losing measured amaxes."""
+    if not calibrated_linears(model):
+        return FluxRunner(model, cache, offloader)
+    if offloader is not None:
+        raise ValueError("calibrated fp8 activations cannot be combined with block offload; use dynamic activations")
+    return CalibratingRunner(model, cache)
 
 
 def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
@@ -54,7 +106,8 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
                    compute_dtype: torch.dtype) -> FluxRunner:
     """The runner for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
     dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the
-    blocks' code and guards, so later prompts reuse the compiled blocks instead of recompiling."""
+    blocks' code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated
+    fp8 scales live in this runner's own linears, so they never outlive the run."""
     model = transformer
     if options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto":
         model = clone_structure(transformer)
@@ -62,12 +115,13 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
         set_attention_backend(model, backend)
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
-            quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling)
+            quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling,
+                                         fast_accum=options.fp8_fast_accum, activations=options.fp8_activations)
         else:
             logger.warning("fp8 matmul needs an Ada/Hopper-class NVIDIA GPU; using %s matmul", compute_dtype)
     if options.compile:
         if device.type == "cuda":
-            compile_blocks(model)
+            compile_blocks(model, tune_kernels=options.tune_kernels)
         else:
             logger.info("torch.compile is skipped on the CPU (compile time outweighs the gain)")
-    return FluxRunner(model, options.cache)
+    return make_runner(model, options.cache)

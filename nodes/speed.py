@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..flux_speed.fp8_linear import FP8_SCALINGS
+from ..flux_speed.fp8_linear import FP8_ACTIVATIONS, FP8_SCALINGS
 from ..flux_speed.prepare import ATTENTION_CHOICES, SpeedOptions
 from ..flux_speed.step_cache import StepCacheConfig
 from . import host
@@ -40,6 +40,13 @@ class FluxWorksSpeed:
             "fp8_scaling": (list(FP8_SCALINGS), {"default": "rowwise", "tooltip": "fp8 matmul scales. rowwise: per "
                             "weight row and per token (closest to bf16). tensorwise: one per tensor, a faster GEMM "
                             "with a slightly larger numeric change."}),
+            "fp8_fast_accum": ("BOOLEAN", {"default": False, "tooltip": "fp8 matmul with cuBLAS's fast (less "
+                               "precise) accumulation, as most fp8 inference engines use. GPU only."}),
+            "fp8_activations": (list(FP8_ACTIVATIONS), {"default": "dynamic", "tooltip": "dynamic: measure each "
+                                "activation's range at every call. calibrated: measure it on the first step of "
+                                "each run, then use fixed scales (no per-call reduction)."}),
+            "tune_kernels": ("BOOLEAN", {"default": False, "tooltip": "With compile: benchmark Inductor kernel "
+                             "configs while compiling (much slower first run, possibly faster steps)."}),
         }}
 
     RETURN_TYPES = (host.FLUX_MODEL,)
@@ -47,10 +54,12 @@ class FluxWorksSpeed:
     CATEGORY = host.CATEGORY
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
-    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise"):
+    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise",
+              fp8_fast_accum: bool = False, fp8_activations: str = "dynamic", tune_kernels: bool = False):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
         options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
-                          fp8_scaling=fp8_scaling)
+                          fp8_scaling=fp8_scaling, fp8_fast_accum=fp8_fast_accum, fp8_activations=fp8_activations,
+                          tune_kernels=tune_kernels)
         return (with_options(patcher, options),)
 
 
