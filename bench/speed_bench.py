@@ -31,7 +31,7 @@ from flux_sampler.latents import make_noise, to_vae_space, unpack
 from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
 from flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
 from flux_speed.offload import BlockOffloader
-from flux_speed.prepare import make_runner
+from flux_speed.prepare import SpeedOptions, make_runner
 from flux_speed.runner import FluxRunner
 from flux_speed.step_cache import StepCacheConfig
 
@@ -313,7 +313,8 @@ def fp8_model(scaling: str, source):
         set_attention_backend(model, backend)
     prefix = "fp8" if scaling == "rowwise" else "fp8_tensorwise"
     t = time.perf_counter()
-    R[prefix + "_linears"] = quantize_transformer_linears(model, DT, scaling=scaling)
+    R[prefix + "_linears"] = quantize_transformer_linears(model, DT, scaling=scaling,
+                                                          fast_accum=SpeedOptions().fp8_fast_accum)
     R[prefix + "_quantize_s"] = round(time.perf_counter() - t, 1)
     free()
     return model

@@ -37,7 +37,7 @@ class SpeedOptions:
     fp8_matmul: bool = False
     cache: StepCacheConfig | None = None
     fp8_scaling: str = "rowwise"  # "tensorwise": faster GEMM, one scale per tensor (see fp8_linear)
-    fp8_fast_accum: bool = False  # _scaled_mm's fast accumulation (GPU only)
+    fp8_fast_accum: bool = True  # _scaled_mm's fast accumulation (GPU only): 5 % faster, same final-latent error
     fp8_activations: str = "dynamic"  # "calibrated": static scales measured on the first step of each run
     tune_kernels: bool = False  # Inductor kernel tuning while compiling (slower first run)
 

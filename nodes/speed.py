@@ -40,7 +40,7 @@ class FluxWorksSpeed:
             "fp8_scaling": (list(FP8_SCALINGS), {"default": "rowwise", "tooltip": "fp8 matmul scales. rowwise: per "
                             "weight row and per token (closest to bf16). tensorwise: one per tensor, a faster GEMM "
                             "with a slightly larger numeric change."}),
-            "fp8_fast_accum": ("BOOLEAN", {"default": False, "tooltip": "fp8 matmul with cuBLAS's fast (less "
+            "fp8_fast_accum": ("BOOLEAN", {"default": True, "tooltip": "fp8 matmul with cuBLAS's fast (less "
                                "precise) accumulation, as most fp8 inference engines use. GPU only."}),
             "fp8_activations": (list(FP8_ACTIVATIONS), {"default": "dynamic", "tooltip": "dynamic: measure each "
                                 "activation's range at every call. calibrated: measure it on the first step of "
@@ -55,7 +55,7 @@ class FluxWorksSpeed:
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
     def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise",
-              fp8_fast_accum: bool = False, fp8_activations: str = "dynamic", tune_kernels: bool = False):
+              fp8_fast_accum: bool = True, fp8_activations: str = "dynamic", tune_kernels: bool = False):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
         options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
                           fp8_scaling=fp8_scaling, fp8_fast_accum=fp8_fast_accum, fp8_activations=fp8_activations,
