@@ -1,5 +1,8 @@
 """Block offload for small GPUs: the first `resident` blocks stay on the GPU; the others live in pinned CPU
-memory and are copied in on a side stream one block ahead of use, overlapping the copy with compute."""
+memory and are copied in on a side stream one block ahead of use, overlapping the copy with compute.
+
+The offloader swaps `.data` of the blocks' own tensors, so it works on the caller's modules (shared parameters
+included); `close()` ends streaming and hands the streamed blocks back in ordinary (pageable) CPU memory."""
 
 from __future__ import annotations
 
@@ -75,3 +78,16 @@ class BlockOffloader:
         self._evict(index - 1)
         self._load(index + 1 if index + 1 < len(self.blocks) else self.resident)
         return block
+
+    def close(self) -> None:
+        """End streaming: drop the device copies and move the streamed blocks from pinned to pageable CPU memory.
+        Pinned (page-locked) memory is scarce host memory the OS cannot swap, so it must not outlive the run;
+        the resident blocks stay where they are (their owner moves them back)."""
+        for index in list(self.loaded):
+            self._evict(index)
+        if self.cuda:
+            self.copy_stream.synchronize()
+            for block in self.blocks[self.resident:]:
+                for t in _tensors(block):
+                    t.data = torch.empty_like(t.data).copy_(t.data)
+        self.host = [[] for _ in self.blocks]

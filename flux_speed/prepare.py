@@ -20,6 +20,7 @@ from .fp8_linear import (
     quantize_transformer_linears,
     start_calibration,
 )
+from .offload import BlockOffloader
 from .runner import FluxRunner
 from .step_cache import StepCacheConfig
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "efficient", "math")
 _BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash",
              "efficient": "_native_efficient", "math": "_native_math"}
+_CALIBRATED_OFFLOAD = ("calibrated fp8 activations cannot be combined with block offload (streaming swaps each "
+                       "block's tensors for host copies, losing the measured scales); use dynamic activations")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class SpeedOptions:
     fp8_fast_accum: bool = True  # _scaled_mm's fast accumulation (GPU only): 5 % faster, same final-latent error
     fp8_activations: str = "dynamic"  # "calibrated": static scales measured on the first step of each run
     tune_kernels: bool = False  # Inductor kernel tuning while compiling (slower first run)
+    offload_resident_blocks: int = -1  # -1: all blocks on the GPU; N >= 0: first N resident, the rest streamed
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -48,6 +52,15 @@ class SpeedOptions:
             raise ValueError(f"fp8_scaling must be one of {FP8_SCALINGS}, got {self.fp8_scaling!r}")
         if self.fp8_activations not in FP8_ACTIVATIONS:
             raise ValueError(f"fp8_activations must be one of {FP8_ACTIVATIONS}, got {self.fp8_activations!r}")
+        if self.offload_resident_blocks < -1:
+            raise ValueError("offload_resident_blocks must be -1 (off: the whole model on the GPU) or the number of "
+                             f"blocks to keep on the GPU (0 or more), got {self.offload_resident_blocks}")
+        if self.offload and self.fp8_matmul and self.fp8_activations == "calibrated":
+            raise ValueError(_CALIBRATED_OFFLOAD)
+
+    @property
+    def offload(self) -> bool:
+        return self.offload_resident_blocks >= 0
 
 
 class CalibratingRunner(FluxRunner):
@@ -85,7 +98,7 @@ def make_runner(model: torch.nn.Module, cache: StepCacheConfig | None = None, of
     if not calibrated_linears(model):
         return FluxRunner(model, cache, offloader)
     if offloader is not None:
-        raise ValueError("calibrated fp8 activations cannot be combined with block offload; use dynamic activations")
+        raise ValueError(_CALIBRATED_OFFLOAD)
     return CalibratingRunner(model, cache)
 
 
@@ -107,7 +120,11 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
     """The runner for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
     dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the
     blocks' code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated
-    fp8 scales live in this runner's own linears, so they never outlive the run."""
+    fp8 scales live in this runner's own linears, so they never outlive the run.
+
+    With `options.offload` the host has left the blocks in CPU memory (only the embedders and output layers on
+    `device`); the offloader is built last, over the blocks the runner will call (fp8 ones when quantised, so
+    the smaller fp8 copies are what is streamed). Call `runner.offloader.close()` when the run ends."""
     model = transformer
     if options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto":
         model = clone_structure(transformer)
@@ -124,4 +141,14 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
             compile_blocks(model, tune_kernels=options.tune_kernels)
         else:
             logger.info("torch.compile is skipped on the CPU (compile time outweighs the gain)")
-    return make_runner(model, options.cache)
+    offloader = None
+    if options.offload:
+        if calibrated_linears(model):
+            raise ValueError(_CALIBRATED_OFFLOAD)  # before the offloader moves any block
+        offloader = BlockOffloader(transformer_blocks(model), device, resident=options.offload_resident_blocks)
+    return make_runner(model, options.cache, offloader)
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The double then single blocks, in the order FluxRunner calls them (the order BlockOffloader prefetches)."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -82,6 +84,53 @@ def load_on_device(patcher) -> torch.device:
     """Move the whole model to its device through the memory manager (evicting others if needed)."""
     mm.load_models_gpu([patcher], force_full_load=True)
     return patcher.load_device
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _unload(patcher) -> None:
+    """Unload `patcher`'s model (any clone of it) if the memory manager holds it: that restores its original
+    weights (a LoRA clone's too) and puts it on the offload device, the state streaming starts from."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is not None and loaded.model.is_clone(patcher):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
+@contextlib.contextmanager
+def streamed_on_device(patcher, resident_blocks: int, companions: Sequence = ()) -> Iterator[torch.device]:
+    """Block offload: the model's weights (LoRAs merged) stay in CPU memory; only the embedders and output
+    layers go to the device here, and the sampler's BlockOffloader moves the first `resident_blocks` blocks
+    and streams the rest. A full load would need the whole model on the device, which is what offload avoids.
+
+    The memory manager is asked to free what the device-side parts need (evicting other models), and
+    `companions` (ControlNets) are loaded as usual. The model itself is patched on the offload device outside
+    the manager's bookkeeping, so on exit it is unpatched and left there: the next prompt, with or without
+    offload, loads it from the same clean state a fresh model has."""
+    device = patcher.load_device
+    transformer = patcher.model.transformer
+    _unload(patcher)
+    blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name)]
+    streamed = [_tensor_bytes(b) for b in blocks[max(resident_blocks, 0):]]
+    others = [m for name, m in transformer.named_children() if name not in BLOCK_LISTS]
+    needed = (sum(_tensor_bytes(m) for m in others) + sum(_tensor_bytes(b) for b in blocks[:resident_blocks])
+              + 2 * max(streamed, default=0))  # the block in use and the one being prefetched
+    mm.free_memory(needed + mm.minimum_inference_memory(), device)
+    if companions:
+        mm.load_models_gpu(list(companions), memory_required=needed, force_full_load=True)
+    try:
+        patcher.patch_model(device_to=patcher.offload_device)
+        for module in others:
+            module.to(device)
+        yield device
+    finally:
+        patcher.unpatch_model(device_to=patcher.offload_device)
 
 
 def expect(value, type_name: str, node: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import comfy.latent_formats
@@ -109,14 +110,22 @@ class FluxWorksSampler:
         sigmas = get_sigmas(steps, mu, denoise)
         noise = make_noise(samples.shape, seed)
         controls = controlnet.SamplerControls(positive, negative, flux, samples)
-        device = controls.load_models(patcher)
-        stack, concat_latent = controls.on_device(device, flux.config)
-        callback = self._progress(device, steps)
-        runner = prepare_runner(flux.transformer, speed.speed_options(patcher), device, flux.compute_dtype)
-        runner.begin(sigmas)
-        x, _ = sample_flux(runner, flux.config.guidance_embeds, pos, neg,
-                           to_model_space(samples.to(torch.float32)).to(device), noise.to(device),
-                           sigmas.to(device), curve, flux.compute_dtype, callback, stack, concat_latent)
+        options = speed.speed_options(patcher)
+        with contextlib.ExitStack() as cleanup:
+            if options.offload:  # not a full load: blocks are streamed from CPU memory (see host)
+                device = cleanup.enter_context(host.streamed_on_device(
+                    patcher, options.offload_resident_blocks, [c.patcher for c in controls.applied]))
+            else:
+                device = controls.load_models(patcher)
+            stack, concat_latent = controls.on_device(device, flux.config)
+            callback = self._progress(device, steps)
+            runner = prepare_runner(flux.transformer, options, device, flux.compute_dtype)
+            if runner.offloader is not None:
+                cleanup.callback(runner.offloader.close)  # runs before the host puts the model back
+            runner.begin(sigmas)
+            x, _ = sample_flux(runner, flux.config.guidance_embeds, pos, neg,
+                               to_model_space(samples.to(torch.float32)).to(device), noise.to(device),
+                               sigmas.to(device), curve, flux.compute_dtype, callback, stack, concat_latent)
         if runner.cache_state is not None:
             logger.info("FluxWorksSampler: step cache reused the deep blocks on %d of %d model evaluations",
                         runner.cache_state.hits, runner.cache_state.hits + runner.cache_state.misses)

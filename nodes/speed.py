@@ -47,6 +47,10 @@ class FluxWorksSpeed:
                                 "each run, then use fixed scales (no per-call reduction)."}),
             "tune_kernels": ("BOOLEAN", {"default": False, "tooltip": "With compile: benchmark Inductor kernel "
                              "configs while compiling (much slower first run, possibly faster steps)."}),
+            "offload_resident_blocks": ("INT", {"default": -1, "min": -1, "max": 57, "tooltip": "Block offload "
+                                        "for small GPUs. -1: off, the whole model on the GPU. N: keep the first N "
+                                        "of FLUX.1's 57 blocks on the GPU and stream the others from CPU memory "
+                                        "(slower; fewer = less GPU memory). Not with calibrated fp8 activations."}),
         }}
 
     RETURN_TYPES = (host.FLUX_MODEL,)
@@ -55,11 +59,12 @@ class FluxWorksSpeed:
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
     def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise",
-              fp8_fast_accum: bool = True, fp8_activations: str = "dynamic", tune_kernels: bool = False):
+              fp8_fast_accum: bool = True, fp8_activations: str = "dynamic", tune_kernels: bool = False,
+              offload_resident_blocks: int = -1):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
         options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
                           fp8_scaling=fp8_scaling, fp8_fast_accum=fp8_fast_accum, fp8_activations=fp8_activations,
-                          tune_kernels=tune_kernels)
+                          tune_kernels=tune_kernels, offload_resident_blocks=offload_resident_blocks)
         return (with_options(patcher, options),)
 
 
