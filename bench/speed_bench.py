@@ -2,7 +2,7 @@
 in one run on one card, on the full FLUX.1 architecture with random weights initialised on the GPU.
 
 Usage (repo root): python bench/speed_bench.py [--tiny] [--steps 28] [--res 1024] [--comfy .comfy] [--out DIR]
-    [--sections all|diffusers,compile,cache,fp8,fp8_rowwise,fp8_tensorwise,fp8_variants,comfy,comfy_bf16,batch,
+    [--sections all|diffusers,compile,cache,fp8,fp8_rowwise,fp8_tensorwise,fp8_variants,comfy,comfy_bf16,batch,offload_node,
                 memory,e2e]
     [--cache-configs "0.6:0.1:0.9:3,..."] [--profile]
 --tiny runs a 1+1-block model on the CPU to check the script. Prints one JSON line per finished section.
@@ -31,7 +31,7 @@ from flux_sampler.latents import make_noise, to_vae_space, unpack
 from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
 from flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
 from flux_speed.offload import BlockOffloader
-from flux_speed.prepare import SpeedOptions, make_runner
+from flux_speed.prepare import SpeedOptions, make_runner, prepare_runner
 from flux_speed.runner import FluxRunner
 from flux_speed.step_cache import StepCacheConfig
 
@@ -48,6 +48,8 @@ ap.add_argument("--cache-configs", default="0.1:0.1:0.9:3,0.3:0.1:0.9:3,0.6:0.1:
                      "('' for none)")
 ap.add_argument("--fp8-variants", default="fast_accum,calibrated,calibrated_tensorwise,tuned",  # FP8_VARIANT_NAMES
                 help="fp8_variants section: which options to time alone next to the rowwise baseline, comma-separated")
+ap.add_argument("--offload-resident", type=int, default=12,
+                help="offload_node section: blocks kept on the GPU (the FluxWorks Speed offload_resident_blocks)")
 ap.add_argument("--profile", action="store_true",
                 help="profile one compiled fp8 step with torch.profiler; the top-15 kernels go into the JSON")
 args = ap.parse_args()
@@ -524,6 +526,32 @@ if (want("comfy") or want("comfy_bf16")) and os.path.isdir(args.comfy):
     flux = runner = None  # ComfyUI loads its own copy
     free()
     comfy_section(bf16_only=not want("comfy"))
+
+# --- block offload as the FluxWorks Sampler runs it: weights start in CPU memory (where the host leaves them
+# with offload on), prepare_runner quantises, compiles and builds the offloader, under an 8 GiB cap ---------
+if want("offload_node"):
+    flux = None  # the bf16 reference copy: this section must fit in the cap on its own
+    free()
+    model = new_flux().to("cpu")
+    free()
+    for name, child in model.named_children():
+        if name not in ("transformer_blocks", "single_transformer_blocks"):
+            child.to(DEV)  # what host.streamed_on_device puts on the device
+    if DEV == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 8 / total))
+    node_options = SpeedOptions(compile=True, fp8_matmul=fp8_ok, offload_resident_blocks=args.offload_resident)
+    t = time.perf_counter()
+    runner = prepare_runner(model, node_options, torch.device(DEV), DT)
+    R["ours_node_offload_prepare_s"] = round(time.perf_counter() - t, 1)
+    R["ours_node_offload_options"] = {"fp8_matmul": node_options.fp8_matmul,
+                                      "offload_resident_blocks": node_options.offload_resident_blocks}
+    timed("ours_node_fp8_offload_cap8gib", runner, REF)
+    runner.offloader.close()
+    if DEV == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    model = runner = None
+    free()
 
 # --- schnell end to end: text encode + 4 steps + VAE decode ------------------------------------------------
 if want("e2e"):
