@@ -73,17 +73,22 @@ class Fp8Linear(torch.nn.Module):
     per tensor as `scaling`) or calibrated (one static per-tensor scale); see the module docstring."""
 
     def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype, scaling: str = "rowwise",
-                 fast_accum: bool = False, activations: str = "dynamic") -> None:
+                 fast_accum: bool = False, activations: str = "dynamic",
+                 work_device: torch.device | None = None) -> None:
+        """`work_device`: where to quantise (e.g. the GPU for weights held in CPU memory for block offload);
+        the results stay where the weight was."""
         super().__init__()
         self.scaling = check_scaling(scaling)
         self.activations = check_activations(activations)
         self.fast_accum = fast_accum
-        weight = linear.weight.detach()
+        home = linear.weight.device
+        weight = linear.weight.detach().to(work_device or home)
         if scaling == "rowwise":
             weight, scale = quantize_rows(weight)
             scale = scale.reshape(1, -1).contiguous()  # (1, N), the layout _scaled_mm wants for scale_b
         else:
             weight, scale = quantize_tensor(weight)  # scale: 0-dim float32
+        weight, scale = weight.to(home), scale.to(home)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale)
@@ -170,11 +175,13 @@ class Fp8WeightLinear(torch.nn.Module):
     """fp8 storage only, for the modulation linears: one input row per image, so the product is memory-bound
     and fp8 tensor cores would not help, but keeping the weight in fp8 halves its memory."""
 
-    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype) -> None:
+    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype,
+                 work_device: torch.device | None = None) -> None:
         super().__init__()
-        weight, scale = quantize_rows(linear.weight.detach())
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("weight_scale", scale.contiguous())  # (N, 1)
+        home = linear.weight.device
+        weight, scale = quantize_rows(linear.weight.detach().to(work_device or home))
+        self.weight = torch.nn.Parameter(weight.to(home), requires_grad=False)
+        self.register_buffer("weight_scale", scale.to(home).contiguous())  # (N, 1)
         self.bias = None if linear.bias is None else torch.nn.Parameter(
             linear.bias.detach().to(out_dtype), requires_grad=False)
         self.out_dtype = out_dtype
@@ -202,12 +209,14 @@ def _replace(block: torch.nn.Module, name: str, module: torch.nn.Module) -> None
 
 def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.dtype, fuse_qkv: bool = True,
                                  scaling: str = "rowwise", fast_accum: bool = False,
-                                 activations: str = "dynamic") -> int:
+                                 activations: str = "dynamic", work_device: torch.device | None = None) -> int:
     """Swap the linears of the repeated blocks for fp8 ones: token-wise products get fp8 matmul
     (Fp8Linear with `scaling`), the per-image modulation linears fp8 storage (Fp8WeightLinear). With
     `fuse_qkv`, q/k/v are first fused into one projection (diffusers' fused path), so one activation
-    quantisation feeds one larger GEMM. `fast_accum` and `activations` go to every Fp8Linear. Returns how
-    many linears were swapped."""
+    quantisation feeds one larger GEMM. `fast_accum` and `activations` go to every Fp8Linear. With
+    `work_device`, each weight is quantised there and the fp8 result goes back where the weight lives (block
+    offload keeps weights in CPU memory, and quantising 12B weights on the CPU takes tens of seconds). Returns
+    how many linears were swapped."""
     check_scaling(scaling)
     check_activations(activations)
     if fuse_qkv:
@@ -219,9 +228,9 @@ def quantize_transformer_linears(transformer: torch.nn.Module, out_dtype: torch.
                 if not isinstance(module, torch.nn.Linear):
                     continue
                 if "norm" in name:
-                    swapped_in = Fp8WeightLinear(module, out_dtype)
+                    swapped_in = Fp8WeightLinear(module, out_dtype, work_device)
                 else:
-                    swapped_in = Fp8Linear(module, out_dtype, scaling, fast_accum, activations)
+                    swapped_in = Fp8Linear(module, out_dtype, scaling, fast_accum, activations, work_device)
                 _replace(block, name, swapped_in)
                 swapped += 1
     return swapped

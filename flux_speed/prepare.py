@@ -133,7 +133,8 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
             quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling,
-                                         fast_accum=options.fp8_fast_accum, activations=options.fp8_activations)
+                                         fast_accum=options.fp8_fast_accum, activations=options.fp8_activations,
+                                         work_device=device)
         else:
             logger.warning("fp8 matmul needs an Ada/Hopper-class NVIDIA GPU; using %s matmul", compute_dtype)
     if options.compile:
