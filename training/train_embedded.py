@@ -4,7 +4,7 @@ the four files in the formats FLUX.1 ships in. Seeded; the same command gives th
 GPU arithmetic order, the same weights, as long as no stage is cut short by --time-limit.
 
 Usage: the shipped files come from two commands of under ten minutes each (13.8 minutes of training in all
-on one H200; embedded_model/README.md has both command lines and what each did):
+on one H200; training/build_embedded.sh runs both; embedded_model/README.md says what each did):
     python -m training.train_embedded --out embedded_model --time-limit 540 --distill-steps 0 --flow-steps 30000
     python -m training.train_embedded --init-from embedded_model --seed 1 --images 100000 --flow-batch 512 ...
 CPU check of the whole pipeline at toy sizes (a few minutes):
