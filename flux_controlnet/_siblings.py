@@ -9,14 +9,14 @@ where they are top-level packages.
 if __package__ and "." in __package__:
     from ..flux_models import files
     from ..flux_models.dtypes import storage_and_compute
-    from ..flux_models.transformer import FLUX1_AXES, count_blocks
+    from ..flux_models.transformer import FLUX1_AXES, backbone_fields
     from ..flux_models.transformer_keys import bfl_to_diffusers
     from ..flux_sampler.control import ControlResiduals
     from ..flux_sampler.latents import pack
 else:
     from flux_models import files
     from flux_models.dtypes import storage_and_compute
-    from flux_models.transformer import FLUX1_AXES, count_blocks
+    from flux_models.transformer import FLUX1_AXES, backbone_fields
     from flux_models.transformer_keys import bfl_to_diffusers
     from flux_sampler.control import ControlResiduals
     from flux_sampler.latents import pack

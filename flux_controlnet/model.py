@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._siblings import FLUX1_AXES, count_blocks, files, storage_and_compute
+from ._siblings import FLUX1_AXES, backbone_fields, files, storage_and_compute
 from .keys import EXPECTED, describe_non_controlnet, detect_format, to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -113,19 +113,11 @@ def infer_config(state: dict[str, torch.Tensor], kind: str, folder_axes=None) ->
     if in_channels != 64:
         raise ValueError(f"the ControlNet reads {in_channels}-channel tokens; FLUX.1 ControlNets read 64 "
                          "(16 latent channels in 2x2 patches)")
-    if hidden % head_dim:
-        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head_dim}")
     mode = state.get("controlnet_mode_embedder.weight")
     return ControlNetConfig(
         kind=kind,
         in_channels=in_channels,
-        num_layers=count_blocks(state, "transformer_blocks."),
-        num_single_layers=count_blocks(state, "single_transformer_blocks."),
-        attention_head_dim=head_dim,
-        num_attention_heads=hidden // head_dim,
-        joint_attention_dim=joint_dim,
-        pooled_projection_dim=pooled_dim,
-        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state,
+        **backbone_fields(state, hidden, head_dim, joint_dim, pooled_dim),
         axes_dims_rope=_axes(head_dim, folder_axes),
         num_mode=None if mode is None else int(mode.shape[0]),
     )

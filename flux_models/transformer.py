@@ -85,20 +85,29 @@ def infer_config(state: dict[str, torch.Tensor], axes: tuple[int, int, int] | No
         raise ValueError(f"FLUX.1 weights are missing the key {exc.args[0]!r}") from exc
     if mlp_hidden != 4 * hidden:
         raise ValueError(f"MLP width {mlp_hidden} is not 4x the hidden width {hidden}: not a FLUX.1 model")
-    if hidden % head_dim:
-        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head_dim}")
     return FluxConfig(
         in_channels=in_channels,
         out_channels=out_channels,
-        num_layers=count_blocks(state, "transformer_blocks."),
-        num_single_layers=count_blocks(state, "single_transformer_blocks."),
-        attention_head_dim=head_dim,
-        num_attention_heads=hidden // head_dim,
-        joint_attention_dim=joint_dim,
-        pooled_projection_dim=pooled_dim,
-        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state,
+        **backbone_fields(state, hidden, head_dim, joint_dim, pooled_dim),
         axes_dims_rope=tuple(axes) if axes else _axes_for(head_dim),
     )
+
+
+def backbone_fields(state: dict[str, torch.Tensor], hidden: int, head_dim: int, joint_dim: int,
+                    pooled_dim: int) -> dict:
+    """The geometry a FLUX.1 transformer and its ControlNets read alike from diffusers-layout weights: block
+    counts, heads, text widths and whether there is a guidance embedding."""
+    if hidden % head_dim:
+        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head_dim}")
+    return {
+        "num_layers": count_blocks(state, "transformer_blocks."),
+        "num_single_layers": count_blocks(state, "single_transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": joint_dim,
+        "pooled_projection_dim": pooled_dim,
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in state,
+    }
 
 
 def _describe_non_flux(state: dict[str, torch.Tensor]) -> str:
