@@ -135,31 +135,19 @@ def _finish(name: str, step: int, clock: StageClock) -> None:
                 "" if step >= clock.steps else " (stopped by the time limit)")
 
 
-def train_flow(flux, t5, clip, data: FlowData, plan: Schedule, seed: int,
-               checkpoint: Callable[[EMA], None] | None = None) -> EMA:
-    """Stage 1: joint rectified-flow training of transformer and text encoders; returns their EMA."""
-    device = data.latents.device
-    modules = [flux, t5, clip]
-    for m in modules:
-        m.train().requires_grad_(True)
-    params = [p for m in modules for p in m.parameters()]
+def _train_loop(name: str, params: list[torch.Tensor], ema: EMA, plan: Schedule, warmup: int,
+                loss_at: Callable[[], torch.Tensor], checkpoint: Callable[[EMA], None] | None) -> EMA:
+    """The loop both stages share: cosine learning rate (annealed by elapsed time when the deadline comes
+    first), one clipped AdamW step on `loss_at()`, EMA update, periodic log line and checkpoint."""
     opt = _optimizer(params, plan.lr)
-    ema = EMA(modules, decay=0.999)
-    generator = torch.Generator(device).manual_seed(seed)
     clock = StageClock(plan.steps, plan.deadline)
     last_checkpoint = time.monotonic()
-    ones = torch.ones(plan.batch, device=device)
     step = 0
     while not clock.done(step):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(clock.effective_step(step), plan.steps, plan.lr,
-                                    warmup=min(300, plan.steps // 10 + 1))
-        x0, t5_ids, clip_ids = data.batch(plan.batch, _t5_length(generator, device, plan.long_t5), generator)
-        xt, sigma, noise = _noised(x0, generator)
-        with _autocast(device), _attention_kernels():
-            txt, pooled = encode_text(t5, clip, t5_ids, clip_ids)
-            v = velocity(flux, xt, sigma, txt, pooled, ones)
-        loss = F.mse_loss(v.float(), noise - x0)
+                                    warmup=min(warmup, plan.steps // 10 + 1))
+        loss = loss_at()
         opt.zero_grad(set_to_none=True)
         with _attention_kernels():
             loss.backward()
@@ -167,13 +155,35 @@ def train_flow(flux, t5, clip, data: FlowData, plan: Schedule, seed: int,
         opt.step()
         ema.update()
         if step % plan.log_every == 0:
-            logger.info("flow step %d/%d loss %.4f (%.1f s)", step, plan.steps, loss.item(), clock.elapsed())
+            logger.info("%s step %d/%d loss %.4f (%.1f s)", name, step, plan.steps, loss.item(), clock.elapsed())
         if checkpoint is not None and time.monotonic() - last_checkpoint > plan.checkpoint_every:
             checkpoint(ema)
             last_checkpoint = time.monotonic()
         step += 1
-    _finish("flow", step, clock)
+    _finish(name, step, clock)
     return ema
+
+
+def train_flow(flux, t5, clip, data: FlowData, plan: Schedule, seed: int,
+               checkpoint: Callable[[EMA], None] | None = None) -> EMA:
+    """Stage 1: joint rectified-flow training of transformer and text encoders; returns their EMA."""
+    device = data.latents.device
+    modules = [flux, t5, clip]
+    for m in modules:
+        m.train().requires_grad_(True)
+    generator = torch.Generator(device).manual_seed(seed)
+    ones = torch.ones(plan.batch, device=device)
+
+    def loss_at() -> torch.Tensor:
+        x0, t5_ids, clip_ids = data.batch(plan.batch, _t5_length(generator, device, plan.long_t5), generator)
+        xt, sigma, noise = _noised(x0, generator)
+        with _autocast(device), _attention_kernels():
+            txt, pooled = encode_text(t5, clip, t5_ids, clip_ids)
+            v = velocity(flux, xt, sigma, txt, pooled, ones)
+        return F.mse_loss(v.float(), noise - x0)
+
+    params = [p for m in modules for p in m.parameters()]
+    return _train_loop("flow", params, EMA(modules, decay=0.999), plan, 300, loss_at, checkpoint)
 
 
 def distill_guidance(teacher, t5, clip, data: FlowData, plan: Schedule, seed: int,
@@ -185,20 +195,12 @@ def distill_guidance(teacher, t5, clip, data: FlowData, plan: Schedule, seed: in
     t5.eval().requires_grad_(False)
     clip.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    params = list(student.parameters())
-    opt = _optimizer(params, plan.lr)
-    ema = EMA([student], decay=0.998)
     generator = torch.Generator(device).manual_seed(seed)
     empty_clip = data.empty_clip[None].expand(plan.batch, -1)
     ones = torch.ones(2 * plan.batch, device=device)
     low, high = GUIDANCE_RANGE
-    clock = StageClock(plan.steps, plan.deadline)
-    last_checkpoint = time.monotonic()
-    step = 0
-    while not clock.done(step):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(clock.effective_step(step), plan.steps, plan.lr,
-                                    warmup=min(100, plan.steps // 10 + 1))
+
+    def loss_at() -> torch.Tensor:
         length = _t5_length(generator, device, plan.long_t5)
         x0, t5_ids, clip_ids = data.batch(plan.batch, length, generator)
         xt, sigma, _ = _noised(x0, generator)
@@ -212,18 +214,7 @@ def distill_guidance(teacher, t5, clip, data: FlowData, plan: Schedule, seed: in
             target = v_u + g[:, None, None, None] * (v_c - v_u)
         with _autocast(device), _attention_kernels():
             v = velocity(student, xt, sigma, txt[: plan.batch], pooled[: plan.batch], g)
-        loss = F.mse_loss(v.float(), target)
-        opt.zero_grad(set_to_none=True)
-        with _attention_kernels():
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        if step % plan.log_every == 0:
-            logger.info("distill step %d/%d loss %.4f (%.1f s)", step, plan.steps, loss.item(), clock.elapsed())
-        if checkpoint is not None and time.monotonic() - last_checkpoint > plan.checkpoint_every:
-            checkpoint(ema)
-            last_checkpoint = time.monotonic()
-        step += 1
-    _finish("distill", step, clock)
-    return ema
+        return F.mse_loss(v.float(), target)
+
+    return _train_loop("distill", list(student.parameters()), EMA([student], decay=0.998), plan, 100, loss_at,
+                       checkpoint)
