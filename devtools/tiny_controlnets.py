@@ -8,13 +8,12 @@ Usage: python -m devtools.tiny_controlnets MODELS_DIR   (adds controlnet/ files 
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 from safetensors.torch import save_file
 
-from devtools.tiny_models import TINY_FLUX, diffusers_to_bfl, random_flux, write_flux
+from devtools.tiny_models import TINY_FLUX, diffusers_to_bfl, random_flux, tree_main, write_flux
 from flux_controlnet.model import ControlNetConfig, build_controlnet
 
 KINDS = ("instantx", "union", "xlabs", "mistoline")
@@ -144,12 +143,7 @@ def write_controlnets_tree(models_dir: str, seed: int = 0) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for role, name in write_controlnets_tree(args.models_dir, args.seed).items():
-        print(f"{role}: {name}")  # noqa: T201
+    tree_main(__doc__.splitlines()[0], write_controlnets_tree)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -188,13 +189,18 @@ def write_models_tree(models_dir: str, seed: int = 0) -> dict[str, str]:
     return names
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tree_main(description: str, write_tree: Callable[[str, int], dict[str, str]]) -> None:
+    """Command line shared by the tree writers: `models_dir [--seed N]`, then one "role: file" line each."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("models_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for role, name in write_models_tree(args.models_dir, args.seed).items():
+    for role, name in write_tree(args.models_dir, args.seed).items():
         print(f"{role}: {name}")  # noqa: T201
+
+
+def main() -> None:
+    tree_main(__doc__.splitlines()[0], write_models_tree)
 
 
 if __name__ == "__main__":
