@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -28,6 +27,9 @@ import time
 
 import torch
 from safetensors.torch import save_file
+
+from bench.report import sync as device_sync
+from bench.report import write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
@@ -89,14 +91,24 @@ LORA_LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add
 
 
 def emit() -> None:
-    print(json.dumps(R), flush=True)  # noqa: T201 - a benchmark script reports on stdout
-    with open(os.path.join(args.out, "lora_gpu.json"), "w") as f:
-        json.dump(R, f, indent=1)
+    write_report(R, os.path.join(args.out, "lora_gpu.json"))
 
 
 def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+    device_sync(DEV)
+
+
+def record_switch(out: dict, switches: list, tag: str, times: tuple[float, float, float], model, sample) -> None:
+    """One switch to stack `tag` (times: before apply, after apply, model ready), then a prompt with it: timed
+    the first time a stack of that size is seen, else one step, so the next switch starts from this stack."""
+    t0, t1, t2 = times
+    switches.append({"to": tag, "apply_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
+                     "total_s": round(t2 - t0, 3)})
+    count = str(len(STACKS[tag]))
+    if count not in out["ms_per_step"]:
+        out["ms_per_step"][count] = round(sample(model, args.steps) / args.steps * 1000, 1)
+    else:
+        sample(model, 1)
 
 
 def free() -> None:
@@ -201,13 +213,7 @@ def ours_section(state: dict, loras: list[str], storage: str) -> dict:
         host.load_on_device(patched)
         sync()
         t2 = time.perf_counter()
-        switches.append({"to": tag, "apply_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
-                         "total_s": round(t2 - t0, 3)})
-        count = str(len(STACKS[tag]))
-        if count not in out["ms_per_step"]:
-            out["ms_per_step"][count] = round(sample(patched, args.steps) / args.steps * 1000, 1)
-        else:
-            sample(patched, 1)  # a prompt with this stack, so the next switch starts from it
+        record_switch(out, switches, tag, (t0, t1, t2), patched, sample)
     sync()
     t0 = time.perf_counter()
     empty = apply_node.apply(base, [])["result"][0]
@@ -265,13 +271,7 @@ def core_section(state: dict, loras: list[str], folder: str, storage: str) -> di
         mm.load_models_gpu([model])
         sync()
         t2 = time.perf_counter()
-        switches.append({"to": tag, "apply_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
-                         "total_s": round(t2 - t0, 3)})
-        count = str(len(STACKS[tag]))
-        if count not in out["ms_per_step"]:
-            out["ms_per_step"][count] = round(sample(model, args.steps) / args.steps * 1000, 1)
-        else:
-            sample(model, 1)
+        record_switch(out, switches, tag, (t0, t1, t2), model, sample)
     sync()
     t0 = time.perf_counter()
     mm.load_models_gpu([base])

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import sys
 import time
 
 import torch
 
+from bench.report import sync as device_sync
+from bench.report import write_report
 from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
 from flux_sampler.latents import make_noise, to_vae_space, unpack
 from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
@@ -90,14 +91,11 @@ def want(name: str) -> bool:
 
 
 def emit() -> None:
-    print(json.dumps(R), flush=True)  # noqa: T201 - a benchmark script reports on stdout
-    with open(os.path.join(args.out, "flux_speed.json"), "w") as f:
-        json.dump(R, f, indent=1)
+    write_report(R, os.path.join(args.out, "flux_speed.json"))
 
 
 def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+    device_sync(DEV)
 
 
 def peak() -> float:
