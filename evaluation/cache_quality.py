@@ -5,6 +5,8 @@ steps and guidance). Random 12B weights only tell the error of the latents; here
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import torch
 
@@ -33,8 +35,7 @@ def describe(cache: StepCacheConfig) -> str:
 
 
 def cache_to_dict(cache: StepCacheConfig) -> dict[str, float | int]:
-    return {"threshold": cache.threshold, "start_percent": cache.start_percent,
-            "end_percent": cache.end_percent, "max_consecutive": cache.max_consecutive}
+    return asdict(cache)
 
 
 def relative_errors(latents: torch.Tensor, reference: torch.Tensor) -> np.ndarray:

@@ -13,6 +13,8 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..flux_speed.prepare import transformer_blocks
+
 logger = logging.getLogger(__name__)
 
 FLUX_MODEL = "FLUX_MODEL"
@@ -116,7 +118,7 @@ def streamed_on_device(patcher, resident_blocks: int, companions: Sequence = ())
     device = patcher.load_device
     transformer = patcher.model.transformer
     _unload(patcher)
-    blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name)]
+    blocks = transformer_blocks(transformer)
     streamed = [_tensor_bytes(b) for b in blocks[max(resident_blocks, 0):]]
     others = [m for name, m in transformer.named_children() if name not in BLOCK_LISTS]
     needed = (sum(_tensor_bytes(m) for m in others) + sum(_tensor_bytes(b) for b in blocks[:resident_blocks])
