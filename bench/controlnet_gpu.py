@@ -81,7 +81,7 @@ def measure(clock: Clock, run, steps: int) -> dict:
 def build_models(sizes: dict, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from flux_controlnet import ControlNetConfig, FluxControlNet, build_controlnet
+    from fluxworks.flux_controlnet import ControlNetConfig, FluxControlNet, build_controlnet
 
     with torch.device(device), default_dtype(dtype):
         torch.manual_seed(0)
@@ -149,9 +149,9 @@ def core_apply_controlnet(comfy, comfy_dir: str | None):
 
 def time_fluxworks(results: dict, report, clock: Clock, transformer, nets, core_vae, inputs: dict) -> None:
     """Our sampler with the controls as FluxWorksSampler builds them (control images VAE-encoded per run)."""
-    from flux_controlnet import ControlStack, ControlUnit
-    from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
-    from flux_sampler.latents import pack, to_model_space
+    from fluxworks.flux_controlnet import ControlStack, ControlUnit
+    from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+    from fluxworks.flux_sampler.latents import pack, to_model_space
 
     device, dtype, res = inputs["device"], inputs["dtype"], inputs["res"]
     prompt = TextConditioning(inputs["embeds"], inputs["pooled"])
@@ -223,7 +223,7 @@ def main() -> None:
     def report() -> None:
         print(json.dumps(results), flush=True)  # noqa: T201 - the JSON on stdout is this script's output
 
-    from flux_sampler.latents import make_noise
+    from fluxworks.flux_sampler.latents import make_noise
 
     comfy = load_core(device)
     apply, results["core_apply"] = core_apply_controlnet(comfy, args.comfy)

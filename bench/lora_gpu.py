@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import sys
 import tempfile
@@ -61,18 +60,6 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
-
-def load_pack():
-    """The FluxWorks pack as ComfyUI imports it (a package), so its nodes can be called directly."""
-    spec = importlib.util.spec_from_file_location("fluxworks", os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fluxworks"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fw = load_pack()
 from fluxworks.flux_models.holders import FluxModel  # noqa: E402
 from fluxworks.flux_models.transformer import build_transformer, infer_config  # noqa: E402
 from fluxworks.nodes import host  # noqa: E402

@@ -27,14 +27,14 @@ import torch
 
 from bench.report import sync as device_sync
 from bench.report import write_report
-from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
-from flux_sampler.latents import make_noise, to_vae_space, unpack
-from flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
-from flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
-from flux_speed.offload import BlockOffloader
-from flux_speed.prepare import SpeedOptions, make_runner, prepare_runner
-from flux_speed.runner import FluxRunner
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import make_noise, to_vae_space, unpack
+from fluxworks.flux_speed.compile import best_attention_backend, compile_blocks, set_attention_backend
+from fluxworks.flux_speed.fp8_linear import fp8_matmul_supported, quantize_transformer_linears
+from fluxworks.flux_speed.offload import BlockOffloader
+from fluxworks.flux_speed.prepare import SpeedOptions, make_runner, prepare_runner
+from fluxworks.flux_speed.runner import FluxRunner
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tiny", action="store_true")
@@ -203,7 +203,7 @@ if want("diffusers"):
                         tokenizer_2=None, transformer=flux)
     pipe.set_progress_bar_config(disable=True)
 
-    from flux_sampler.latents import pack
+    from fluxworks.flux_sampler.latents import pack
 
     start = pack(make_noise((1, 16, LAT, LAT), 42)).to(DEV, DT)  # the same noise our path starts from
 
@@ -556,7 +556,7 @@ if want("e2e"):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from flux_models.text_encoders import Tokenizers, encode
+    from fluxworks.flux_models.text_encoders import Tokenizers, encode
 
     comfy_dir = os.path.join(args.comfy, "comfy")
     tok = Tokenizers.from_folders(os.path.join(comfy_dir, "sd1_tokenizer"),

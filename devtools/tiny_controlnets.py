@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from devtools.tiny_models import TINY_FLUX, diffusers_to_bfl, random_flux, tree_main, write_flux
-from flux_controlnet.model import ControlNetConfig, build_controlnet
+from fluxworks.flux_controlnet.model import ControlNetConfig, build_controlnet
 
 KINDS = ("instantx", "union", "xlabs", "mistoline")
 UNION_NUM_MODES = 10  # InstantX Union and Shakker Union-Pro embed 10 modes (7 used for FLUX.1)

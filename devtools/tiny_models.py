@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import save_file
 
-from flux_models.transformer_keys import bfl_to_diffusers
+from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
 
 # Head width 128 and RoPE axes (16, 56, 56) as in FLUX.1. ComfyUI core's loader also assumes 24 heads (width
 # 3072), so core nodes need a full-width file (tests/e2e/workflows.py writes a one-block one).

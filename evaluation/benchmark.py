@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from flux_sampler.guidance import GuidanceCurve
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 from training.shapes import held_out_captions, parse_caption, render
 
 from .adherence import colour_share, score_image, summarise

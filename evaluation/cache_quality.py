@@ -10,7 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 
 from .embedded import Generation
 

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from devtools.taesd_arch import TinyAutoencoder
-from flux_models.files import load_safetensors
-from flux_models.text_encoders import Tokenizers, encode, load_clip_l, load_t5
-from flux_models.transformer import load_flux_transformer
-from flux_sampler.guidance import GuidanceCurve
-from flux_sampler.latents import LATENT_CHANNELS, make_noise, to_vae_space
-from flux_sampler.sampling import TextConditioning, sample_flux
-from flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
-from flux_speed.runner import FluxRunner
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_models.files import load_safetensors
+from fluxworks.flux_models.text_encoders import Tokenizers, encode, load_clip_l, load_t5
+from fluxworks.flux_models.transformer import load_flux_transformer
+from fluxworks.flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.latents import LATENT_CHANNELS, make_noise, to_vae_space
+from fluxworks.flux_sampler.sampling import TextConditioning, sample_flux
+from fluxworks.flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
+from fluxworks.flux_speed.runner import FluxRunner
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_DIR = os.path.join(REPO, "embedded_model")

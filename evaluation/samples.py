@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.guidance import GuidanceCurve
 from training.shapes import held_out_captions, parse_caption, render
 
 from .adherence import score_image

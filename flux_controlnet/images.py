@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._siblings import pack
+from ..flux_sampler.latents import pack
 
 
 def _center_crop_box(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ._siblings import bfl_to_diffusers
+from ..flux_models.transformer_keys import bfl_to_diffusers
 
 FORMATS = ("instantx", "union", "xlabs", "mistoline")
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._siblings import FLUX1_AXES, backbone_fields, files, storage_and_compute
+from ..flux_models import files
+from ..flux_models.dtypes import storage_and_compute
+from ..flux_models.transformer import FLUX1_AXES, backbone_fields
 from .keys import EXPECTED, describe_non_controlnet, detect_format, to_diffusers
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._siblings import ControlResiduals
+from ..flux_sampler.control import ControlResiduals
 from .model import FluxControlNet
 
 

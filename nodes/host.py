@@ -13,6 +13,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..flux_models.holders import FluxModel, FluxTextEncoder
 from ..flux_speed.prepare import transformer_blocks
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,8 @@ def streamed_on_device(patcher, resident_blocks: int, companions: Sequence = ())
 
 def expect(value, type_name: str, node: str):
     """Reject a wrong object on a custom socket with a message naming what was expected."""
-    expected = {"FLUX_MODEL": "FluxModel", "FLUX_TEXT_ENCODER": "FluxTextEncoder"}[type_name]
-    inner = getattr(value, "model", None)
-    if type(inner).__name__ != expected:
+    expected = {FLUX_MODEL: FluxModel, FLUX_TEXT_ENCODER: FluxTextEncoder}[type_name]
+    if not isinstance(getattr(value, "model", None), expected):
         raise TypeError(f"{node} expects a {type_name} from a FluxWorks loader, got {type(value).__name__}")
     return value
 

@@ -8,7 +8,7 @@ VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 HOST=${COMFYUI_PATH:-$ROOT/.comfyui}
 STAMP=$VENV/.fluxworks-setup
-WANT=$(cat requirements.txt requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -c1-16)
+WANT=$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
 
 if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
@@ -36,6 +36,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$HOST/requirements.txt" > "$VENV/comfy-requirements.txt"
   "${PIP[@]}" -r "$VENV/comfy-requirements.txt"
   "${PIP[@]}" -r requirements.txt -r requirements-dev.txt
+  # The pack's one import identity for dev tools, benchmarks and tests: `fluxworks` is this folder.
+  "${PIP[@]}" --no-deps -e .
   echo "$WANT" > "$STAMP"
 fi
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flux_sampler.schedule import calculate_mu, image_seq_len, time_shift
+from fluxworks.flux_sampler.schedule import calculate_mu, image_seq_len, time_shift
 
 from .flux_model import velocity
 from .stage import StageClock, cosine_lr

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from devtools.tiny_models import diffusers_to_bfl
-from flux_sampler.latents import make_img_ids, pack, unpack
+from fluxworks.flux_sampler.latents import make_img_ids, pack, unpack
 
 from .text_encoders import CLIP_WIDTH, T5_WIDTH
 

@@ -8,8 +8,8 @@ import os
 import torch
 
 from devtools.taesd_arch import TinyAutoencoder
-from flux_models.files import load_safetensors
-from flux_models.transformer import state_dict_from_path
+from fluxworks.flux_models.files import load_safetensors
+from fluxworks.flux_models.transformer import state_dict_from_path
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str,

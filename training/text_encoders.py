@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from flux_models.text_encoders import CLIP_MAX_LENGTH, Tokenizers
+from fluxworks.flux_models.text_encoders import CLIP_MAX_LENGTH, Tokenizers
 
 T5_WIDTH = 64
 CLIP_WIDTH = 64  # CLIP text towers use 64-wide heads: one head at this width

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from evaluation.embedded import FILES
-from flux_models.text_encoders import Tokenizers
+from fluxworks.flux_models.text_encoders import Tokenizers
 
 from .autoencoder import encode_images, export_autoencoder, train_autoencoder
 from .diffusion import EMA, FlowData, Schedule, distill_guidance, train_flow

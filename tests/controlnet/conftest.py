@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from devtools.tiny_models import random_flux
-from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
-from flux_sampler.latents import LATENT_SCALE, LATENT_SHIFT, make_noise, pack
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import LATENT_SCALE, LATENT_SHIFT, make_noise, pack
 
 HEIGHT = WIDTH = 128  # pixels: a 16 x 16 latent, 64 tokens
 LATENT_SHAPE = (1, 16, HEIGHT // 8, WIDTH // 8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_controlnet import canny_edges
+from fluxworks.flux_controlnet import canny_edges
 
 
 def square_image(size: int = 64, lo: int = 20, hi: int = 44, value: float = 1.0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devtools.tiny_controlnets import write_depth_model
-from flux_controlnet.depth import estimate_depth, is_depth_model_folder, load_depth_model
+from fluxworks.flux_controlnet.depth import estimate_depth, is_depth_model_folder, load_depth_model
 
 
 @pytest.fixture(scope="module")

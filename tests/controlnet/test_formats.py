@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from devtools.tiny_controlnets import random_controlnet, write_controlnet
 from devtools.tiny_models import random_flux, write_flux, write_vae
-from flux_controlnet import block_indices, detect_format, load_controlnet, pixel_cond
-from flux_sampler.latents import make_img_ids, pack
+from fluxworks.flux_controlnet import block_indices, detect_format, load_controlnet, pixel_cond
+from fluxworks.flux_sampler.latents import make_img_ids, pack
 from tests.parity.conftest import rel_err
 from tests.paths import comfyui_path
 

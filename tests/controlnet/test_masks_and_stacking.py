@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from devtools.tiny_controlnets import random_controlnet, tiny_config
-from flux_controlnet import ControlStack, ControlUnit, FluxControlNet, block_indices, mask_to_tokens, pixel_cond
-from flux_sampler import FluxDenoiser, GuidanceCurve
+from fluxworks.flux_controlnet import (
+    ControlStack,
+    ControlUnit,
+    FluxControlNet,
+    block_indices,
+    mask_to_tokens,
+    pixel_cond,
+)
+from fluxworks.flux_sampler import FluxDenoiser, GuidanceCurve
 from tests.controlnet.conftest import HEIGHT, LATENT_SHAPE, STEPS, WIDTH, control_image, control_latent_tokens, sample
 
 

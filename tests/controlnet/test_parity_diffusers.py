@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from devtools.tiny_controlnets import random_controlnet, random_structural_flux, write_controlnet
-from flux_controlnet import UNION_MODES, ControlStack, ControlUnit, load_controlnet, pixel_cond
-from flux_sampler.latents import pack, unpack
+from fluxworks.flux_controlnet import UNION_MODES, ControlStack, ControlUnit, load_controlnet, pixel_cond
+from fluxworks.flux_sampler.latents import pack, unpack
 from tests.controlnet.conftest import (
     GUIDANCE,
     HEIGHT,

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from devtools.tiny_models import random_flux, write_flux
-from flux_models.transformer import load_flux_transformer
-from flux_sampler.guidance import GuidanceCurve
-from flux_sampler.sampling import FluxDenoiser, TextConditioning
+from fluxworks.flux_models.transformer import load_flux_transformer
+from fluxworks.flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.sampling import FluxDenoiser, TextConditioning
 from tests.paths import PYTHON, comfyui_path
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core_flux_forward.py")

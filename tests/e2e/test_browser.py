@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.guidance import GuidanceCurve
 from tests.e2e.ui_workflows import (
     copy_example_inputs,
     load_api,

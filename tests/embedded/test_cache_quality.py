@@ -10,8 +10,8 @@ import torch
 
 from evaluation.benchmark import NOISE_SEED, Setting, run
 from evaluation.cache_quality import relative_errors
-from flux_sampler.guidance import GuidanceCurve
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 from training.shapes import held_out_captions
 
 CAPTIONS = held_out_captions(2, 1234)

@@ -20,7 +20,7 @@ from evaluation.embedded import (
     RECOMMENDED_STEPS,
     RECOMMENDED_T5_LENGTH,
 )
-from flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.guidance import GuidanceCurve
 
 pytestmark = pytest.mark.e2e
 

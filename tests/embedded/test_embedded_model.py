@@ -13,7 +13,7 @@ from safetensors import safe_open
 from evaluation.adherence import Adherence, score_image, summarise
 from evaluation.benchmark import CAPTION_SEED, NOISE_SEED
 from evaluation.embedded import EMBEDDED_DIR, FILES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.guidance import GuidanceCurve
 from training.shapes import held_out_captions
 
 CI_CAPTIONS = 8

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from flux_models.text_encoders import Tokenizers, encode, load_clip_l, load_t5
-from flux_models.transformer import load_flux_transformer
+from fluxworks.flux_models.text_encoders import Tokenizers, encode, load_clip_l, load_t5
+from fluxworks.flux_models.transformer import load_flux_transformer
 from tests.paths import tokenizer_folders
 from training.flux_model import build_flux, export_flux, velocity
 from training.resume import load_flux_weights, load_text_weights

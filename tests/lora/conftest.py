@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
 from devtools.tiny_models import random_flux, random_text_encoders
-from tests.paths import REPO, comfyui_path
+from tests.paths import comfyui_path
 
 
 @pytest.fixture(scope="session")
@@ -23,18 +20,13 @@ def pack(tmp_path_factory):
         comfy.cli_args.args.cpu = True
         import folder_paths
 
-        if "fluxworks" not in sys.modules:
-            spec = importlib.util.spec_from_file_location("fluxworks", f"{REPO}/__init__.py",
-                                                          submodule_search_locations=[REPO])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["fluxworks"] = module
-            spec.loader.exec_module(module)
         import fluxworks.nodes.host
         import fluxworks.nodes.lora
 
         loras = tmp_path_factory.mktemp("loras")
         folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-        fluxworks = sys.modules["fluxworks"]
+        import fluxworks
+
         fluxworks.loras_dir = str(loras)
         yield fluxworks
 

@@ -7,12 +7,12 @@ import copy
 import torch
 
 from devtools.tiny_models import diffusers_to_bfl
-from flux_models.transformer import infer_config
-from flux_models.transformer_keys import bfl_to_diffusers
-from flux_sampler.guidance import GuidanceCurve
-from flux_sampler.latents import make_noise
-from flux_sampler.sampling import TextConditioning, sample_flux
-from flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
+from fluxworks.flux_models.transformer import infer_config
+from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
+from fluxworks.flux_sampler.guidance import GuidanceCurve
+from fluxworks.flux_sampler.latents import make_noise
+from fluxworks.flux_sampler.sampling import TextConditioning, sample_flux
+from fluxworks.flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
 
 LATENT_SHAPE = (1, 16, 8, 8)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from devtools.tiny_loras import lora_state, random_lora, sdxl_lora, write_lora
-from flux_models.transformer import load_flux_transformer
+from fluxworks.flux_models.transformer import load_flux_transformer
 from tests.lora.lora_helpers import (
     expected_weights,
     loaded_weights,

@@ -22,7 +22,7 @@ from devtools.tiny_loras import (
     sdxl_lora,
     write_lora,
 )
-from flux_lora import (
+from fluxworks.flux_lora import (
     Kronecker,
     LoraMismatchError,
     LowRank,
@@ -32,7 +32,7 @@ from flux_lora import (
     read_lora_file,
     summed_delta,
 )
-from flux_lora.layers import PeftScaling
+from fluxworks.flux_lora.layers import PeftScaling
 from tests.lora.lora_helpers import expected_weights, max_difference
 
 CPU = torch.device("cpu")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from devtools.tiny_loras import lora_state, random_lora, write_lora
-from flux_sampler.latents import make_noise
-from flux_sampler.latents import pack as pack_latent
+from fluxworks.flux_sampler.latents import make_noise
+from fluxworks.flux_sampler.latents import pack as pack_latent
 from tests.lora.lora_helpers import LATENT_SHAPE, conditioning, make_patcher, relative_error, sample_patcher
 
 STEPS = 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devtools.tiny_models import random_flux, random_text_encoders
-from flux_models.text_encoders import Tokenizers
+from fluxworks.flux_models.text_encoders import Tokenizers
 from tests.paths import tokenizer_folders
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from devtools.tiny_models import write_flux
-from flux_models.transformer import load_flux_transformer
-from flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
-from flux_sampler.latents import make_noise, to_vae_space, unpack
+from fluxworks.flux_models.transformer import load_flux_transformer
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import make_noise, to_vae_space, unpack
 from tests.parity.conftest import make_pipeline, rel_err
 
 H, W, STEPS, BATCH, SEED = 64, 48, 4, 2, 42

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
-from flux_sampler.latents import make_noise
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import make_noise
 from tests.parity.conftest import flux_scheduler, rel_err
 
 SHAPE, STEPS = (1, 16, 8, 8), 6
@@ -53,7 +53,7 @@ def test_constant_curve_reproduces_the_plain_sampler_bit_for_bit(transformers_by
 
 def test_scheduled_guidance_equals_a_manual_diffusers_loop(transformers_by_variant, conds):
     """Reference: diffusers' scheduler stepping the transformer with the curve's value at each step."""
-    from flux_sampler.latents import make_img_ids, pack, unpack
+    from fluxworks.flux_sampler.latents import make_img_ids, pack, unpack
 
     model = transformers_by_variant["dev"]
     curve = GuidanceCurve(5.0, 2.0, "linear")
@@ -99,14 +99,14 @@ def test_true_cfg_combines_velocities_like_diffusers(transformers_by_variant, co
     pipe.set_progress_bar_config(disable=True)
     pos = conds[0]
     neg = TextConditioning(torch.randn(1, 12, 64), torch.randn(1, 64))  # FluxPipeline needs equal lengths
-    from flux_sampler.latents import pack, unpack
+    from fluxworks.flux_sampler.latents import pack, unpack
 
     ref = pipe(prompt_embeds=pos.embeds, pooled_prompt_embeds=pos.pooled, negative_prompt_embeds=neg.embeds,
                negative_pooled_prompt_embeds=neg.pooled, true_cfg_scale=scale, height=64, width=64,
                num_inference_steps=STEPS, guidance_scale=3.5, sigmas=None, output_type="latent",
                latents=pack(make_noise(SHAPE, 9)), max_sequence_length=512).images
     # FluxPipeline derives mu from the image size (64x64 -> 16 tokens); use the same shift here.
-    from flux_sampler import calculate_mu
+    from fluxworks.flux_sampler import calculate_mu
 
     ours, _ = sample_flux(model, True, pos, neg, torch.zeros(SHAPE), make_noise(SHAPE, 9),
                           get_sigmas(STEPS, calculate_mu(16)), full_window)

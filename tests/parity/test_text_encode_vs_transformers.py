@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from devtools.tiny_models import write_text_encoders
-from flux_models.text_encoders import encode, load_clip_l, load_t5
+from fluxworks.flux_models.text_encoders import encode, load_clip_l, load_t5
 from tests.parity.conftest import make_pipeline, rel_err
 
 PROMPTS = ["a small red circle at the top left", "", "ünïcode, punctuation!? and numbers 12345"]

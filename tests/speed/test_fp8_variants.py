@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-import flux_speed.fp8_linear as fp8
+import fluxworks.flux_speed.fp8_linear as fp8
 from devtools.tiny_models import random_flux
-from flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
-from flux_sampler.latents import make_noise
-from flux_speed.fp8_linear import (
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import make_noise
+from fluxworks.flux_speed.fp8_linear import (
     CALIBRATION_HEADROOM,
     E4M3_MAX,
     FP8_SCALINGS,
@@ -20,8 +20,8 @@ from flux_speed.fp8_linear import (
     quantize_transformer_linears,
     start_calibration,
 )
-from flux_speed.prepare import CalibratingRunner, SpeedOptions, make_runner
-from flux_speed.runner import FluxRunner
+from fluxworks.flux_speed.prepare import CalibratingRunner, SpeedOptions, make_runner
+from fluxworks.flux_speed.runner import FluxRunner
 from tests.parity.conftest import rel_err
 
 SHAPE, STEPS = (2, 16, 8, 8), 6
@@ -175,7 +175,7 @@ def test_each_sampling_run_recalibrates(model):
 def test_kernel_tuning_is_scoped_to_the_compiled_blocks(model):
     import torch._inductor.config as inductor_config
 
-    from flux_speed.compile import compile_blocks
+    from fluxworks.flux_speed.compile import compile_blocks
 
     before = (inductor_config.coordinate_descent_tuning, inductor_config.max_autotune_pointwise)
     compile_blocks(copy.deepcopy(model), tune_kernels=True)  # torch.compile checks the option names here

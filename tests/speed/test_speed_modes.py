@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from devtools.tiny_models import random_flux
-from flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
-from flux_sampler.latents import make_noise
-from flux_speed.fp8_linear import FP8_SCALINGS, Fp8Linear, quantize_tensor, quantize_transformer_linears
-from flux_speed.offload import BlockOffloader
-from flux_speed.runner import FluxRunner
-from flux_speed.step_cache import StepCacheConfig
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
+from fluxworks.flux_sampler.latents import make_noise
+from fluxworks.flux_speed.fp8_linear import FP8_SCALINGS, Fp8Linear, quantize_tensor, quantize_transformer_linears
+from fluxworks.flux_speed.offload import BlockOffloader
+from fluxworks.flux_speed.runner import FluxRunner
+from fluxworks.flux_speed.step_cache import StepCacheConfig
 from tests.parity.conftest import rel_err
 
 SHAPE, STEPS = (2, 16, 8, 8), 8
@@ -106,7 +106,7 @@ def test_tensorwise_emulation_equals_torch_scaled_mm():
 
 
 def test_unknown_fp8_scaling_is_refused():
-    from flux_speed.prepare import SpeedOptions
+    from fluxworks.flux_speed.prepare import SpeedOptions
 
     with pytest.raises(ValueError, match="fp8_scaling"):
         SpeedOptions(fp8_matmul=True, fp8_scaling="blockwise")
@@ -129,7 +129,7 @@ def test_block_offload_computes_the_same(model, cond):
 
 
 def test_compiled_blocks_compute_the_same(model, cond):
-    from flux_speed.compile import compile_blocks
+    from fluxworks.flux_speed.compile import compile_blocks
 
     compiled = copy.deepcopy(model)
     compile_blocks(compiled)
@@ -137,7 +137,7 @@ def test_compiled_blocks_compute_the_same(model, cond):
 
 
 def test_prepared_runner_leaves_the_loaded_model_untouched(model, cond):
-    from flux_speed.prepare import SpeedOptions, prepare_runner
+    from fluxworks.flux_speed.prepare import SpeedOptions, prepare_runner
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     runner = prepare_runner(model, SpeedOptions(fp8_matmul=True, attention="math", cache=StepCacheConfig(0.0)),

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from flux_sampler.guidance import GuidanceCurve, progress_from_sigma, step_progress
-from flux_sampler.schedule import get_sigmas
+from fluxworks.flux_sampler.guidance import GuidanceCurve, progress_from_sigma, step_progress
+from fluxworks.flux_sampler.schedule import get_sigmas
 
 
 def test_constant_curve_is_flat():

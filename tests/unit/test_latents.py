@@ -1,6 +1,6 @@
 import torch
 
-from flux_sampler.latents import make_img_ids, make_noise, pack, to_model_space, to_vae_space, unpack
+from fluxworks.flux_sampler.latents import make_img_ids, make_noise, pack, to_model_space, to_vae_space, unpack
 
 
 def test_pack_round_trips_and_groups_2x2_patches():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu, time_shift
+from fluxworks.flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu, time_shift
 
 
 def test_unshifted_schedule_is_linear_from_one_to_zero():

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from devtools.tiny_models import random_flux, random_text_encoders, write_flux, write_text_encoders, write_vae
-from flux_models.transformer import load_flux_transformer
+from fluxworks.flux_models.transformer import load_flux_transformer
 
 
 @pytest.fixture(scope="module")
