@@ -7,7 +7,7 @@ This is what the adherence test, the benchmark and the docs images use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ from fluxworks.flux_models.text_encoders import Tokenizers, encode, load_clip_l,
 from fluxworks.flux_models.transformer import load_flux_transformer
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from fluxworks.flux_sampler.latents import LATENT_CHANNELS, make_noise, to_vae_space
-from fluxworks.flux_sampler.sampling import TextConditioning, sample_flux
+from fluxworks.flux_sampler.sampling import TextConditioning
 from fluxworks.flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
-from fluxworks.flux_speed.runner import FluxRunner
+from fluxworks.flux_speed.prepare import SpeedOptions, sample_prepared
 from fluxworks.flux_speed.step_cache import StepCacheConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,17 +133,15 @@ class EmbeddedPipeline:
         neg = self.encode([negative], max_sequence_length) if negative is not None else None
         noise = torch.cat([make_noise((1, LATENT_CHANNELS, *latent_hw), s) for s in seeds]).to(self.device)
         sigmas = get_sigmas(steps, calculate_mu(image_seq_len(*latent_hw)) if self.guidance_embeds else None)
-        model: torch.nn.Module = self.transformer
-        runner = None
-        if cache is not None:
-            runner = FluxRunner(self.transformer, cache)
-            runner.begin(sigmas)
-            model = runner
-        x, _ = sample_flux(model, self.guidance_embeds, positive, neg, torch.zeros_like(noise), noise,
-                           sigmas.to(self.device), curve, self.compute_dtype)
+        # The FluxWorks Sampler's own path: the prepared transformer with the options a Step Cache node sets.
+        options = replace(SpeedOptions.defaults_for(self.device), cache=cache)
+        x, _, prepared = sample_prepared(
+            self.transformer, options, self.device, self.compute_dtype, guidance_embeds=self.guidance_embeds,
+            positive=positive, negative=neg, latent=torch.zeros_like(noise), noise=noise,
+            sigmas=sigmas.to(self.device), curve=curve)
         stats = None
-        if runner is not None and runner.cache_state is not None:
-            stats = CacheStats(runner.cache_state.hits, runner.cache_state.hits + runner.cache_state.misses)
+        if prepared.cache is not None:
+            stats = CacheStats(prepared.cache.hits, prepared.cache.hits + prepared.cache.misses)
         latents = to_vae_space(x)
         return Generation(self.decode(latents), latents.float().cpu(), stats)
 
