@@ -1,9 +1,18 @@
 """Prompt adherence from pixels: find each captioned object by its colour, then judge its shape, size and
 position, and the background colour, with plain image measurements (no learned model to trust).
 
-Per image the score is the fraction of checks passed: for every object in the caption its colour (found
-at all), shape, size and grid position, plus the background colour. An object whose colour is missing
-fails all four of its checks.
+Scored as a detector is, over attribute checks:
+- recall: of the checks the caption asks for, the fraction the picture passes: per caption object its colour
+  (found at all), shape, size and grid position, plus the background colour. An object whose colour is
+  missing fails all four. (Before extra objects were counted this was the whole score.)
+- precision: of the attributes the picture shows, the fraction the caption asks for. The picture shows its
+  background plus colour, shape, size and position of every object seen in it. Every connected region of a
+  non-background colour (at least MIN_OBJECT_AREA pixels after a 3x3 opening) is an object; per caption object
+  the largest region of its colour explains it, every other region (a stray blob, a duplicate, a shape in a
+  colour the caption never names) is an extra object, whose four attributes the caption does not ask for.
+An image's score is their harmonic mean (F1). With every caption object found and nothing extra, precision
+equals recall and so does the score; each extra object lowers it, so the right scene plus junk cannot score
+100 %.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from PIL import Image
 
 from training.shapes import AREA_PER_R2, COLOURS, IMAGE_SIZE, POSITIONS, SIZES, ShapeObject, parse_caption
 
+# Recorded in every report, so numbers from the recall-only evaluator (before extra objects counted) are not
+# mixed with these.
+EVALUATOR = "adherence v2: F1 of check recall and attribute precision; extra objects counted"
 # A pixel further than this (RGB Euclidean) from every palette colour belongs to no colour.
 MAX_COLOUR_DISTANCE = 90.0
 # Components smaller than this many pixels (after a 3x3 opening) are edge blends or speckle, not objects;
@@ -80,7 +92,7 @@ class Adherence:
     background: str  # the background colour seen in the image
     expected_background: str
     checks: tuple[ObjectCheck, ...]
-    extra_objects: tuple[DetectedObject, ...]  # objects of colours the caption does not mention
+    extra_objects: tuple[DetectedObject, ...]  # regions no caption object explains (any colour but the background)
 
     @property
     def background_ok(self) -> bool:
@@ -91,13 +103,34 @@ class Adherence:
         return 4 * len(self.checks) + 1
 
     @property
+    def passed_checks(self) -> int:
+        return sum(c.passed for c in self.checks) + int(self.background_ok)
+
+    @property
+    def recall(self) -> float:
+        """Of the checks the caption asks for, the fraction passed, in [0, 1]."""
+        return self.passed_checks / self.total_checks
+
+    @property
+    def shown_attributes(self) -> int:
+        """Background + 4 attributes per object seen (caption objects found, and extra objects)."""
+        return 1 + 4 * (sum(c.colour_ok for c in self.checks) + len(self.extra_objects))
+
+    @property
+    def precision(self) -> float:
+        """Of the attributes the picture shows, the fraction the caption asks for, in [0, 1]."""
+        return self.passed_checks / self.shown_attributes
+
+    @property
     def score(self) -> float:
-        """Fraction of checks passed, in [0, 1]."""
-        return (sum(c.passed for c in self.checks) + int(self.background_ok)) / self.total_checks
+        """Harmonic mean of recall and precision, in [0, 1]."""
+        r, p = self.recall, self.precision
+        return 2 * r * p / (r + p) if r + p else 0.0
 
     @property
     def exact(self) -> bool:
-        return self.score == 1.0
+        """Every check right and nothing extra."""
+        return self.recall == 1.0 and not self.extra_objects
 
 
 def to_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -239,45 +272,62 @@ def describe(colour: str, pixels: np.ndarray) -> DetectedObject:
                           len(pixels), (cx, cy), tuple(round(float(v), 3) for v in features))
 
 
-def analyse(image: Image.Image | np.ndarray) -> tuple[str, dict[str, DetectedObject]]:
-    """The background colour and, per other colour, its largest object (if one is large enough)."""
+def detect(image: Image.Image | np.ndarray) -> tuple[str, dict[str, list[DetectedObject]]]:
+    """The background colour and, per other colour, every object of that colour (largest first).
+
+    An object is a 4-connected region of the opened colour mask with at least MIN_OBJECT_AREA pixels: the
+    opening removes the one-or-two-pixel rims where anti-aliasing or the VAE blends two colours into a third
+    (a red edge on yellow reads as orange), so only regions with a body count. The described pixels are the
+    region grown back into its unopened mask (see `object_pixels`)."""
     labels = colour_labels(to_array(image))
     counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(_PALETTE_NAMES))
     background = int(counts.argmax())
-    objects: dict[str, DetectedObject] = {}
+    objects: dict[str, list[DetectedObject]] = {}
     for index, colour in enumerate(_PALETTE_NAMES):
         if index == background or counts[index] < MIN_OBJECT_AREA:
             continue
         mask = labels == index
-        parts = components(opening(mask))
-        if parts and len(parts[0]) >= MIN_OBJECT_AREA:
-            objects[colour] = describe(colour, object_pixels(mask, parts[0]))
+        found = [describe(colour, object_pixels(mask, part))
+                 for part in components(opening(mask)) if len(part) >= MIN_OBJECT_AREA]
+        if found:
+            objects[colour] = found
     return _PALETTE_NAMES[background], objects
+
+
+def analyse(image: Image.Image | np.ndarray) -> tuple[str, dict[str, DetectedObject]]:
+    """The background colour and, per other colour, its largest object (the one a caption object is judged by)."""
+    background, objects = detect(image)
+    return background, {colour: found[0] for colour, found in objects.items()}
 
 
 def score_image(image: Image.Image | np.ndarray, caption: str) -> Adherence:
     """How well `image` shows `caption` (a caption in the shapes grammar; others raise ValueError)."""
     scene = parse_caption(caption)
-    background, objects = analyse(image)
-    checks = tuple(ObjectCheck(obj, objects.get(obj.colour)) for obj in scene.objects)
+    background, objects = detect(image)
+    checks = tuple(ObjectCheck(obj, objects[obj.colour][0] if obj.colour in objects else None)
+                   for obj in scene.objects)
     wanted = {obj.colour for obj in scene.objects}
-    extra = tuple(o for c, o in objects.items() if c not in wanted)
+    extra = tuple(o for colour, found in objects.items() for o in (found[1:] if colour in wanted else found))
     return Adherence(caption, background, scene.background, checks, extra)
 
 
 def summarise(results: list[Adherence]) -> dict[str, float]:
-    """Mean score, exact-match rate and per-attribute accuracy over a list of scored images."""
+    """Means over a list of scored images: the score (F1 of recall and precision; "adherence"), recall,
+    precision, exact-match rate, per-attribute accuracy per caption object, and how often extra objects appear."""
     if not results:
         raise ValueError("no scored images to summarise")
     checks = [c for r in results for c in r.checks]
     return {
         "adherence": float(np.mean([r.score for r in results])),
+        "recall": float(np.mean([r.recall for r in results])),
+        "precision": float(np.mean([r.precision for r in results])),
         "exact": float(np.mean([r.exact for r in results])),
         "colour": float(np.mean([c.colour_ok for c in checks])),
         "shape": float(np.mean([c.shape_ok for c in checks])),
         "size": float(np.mean([c.size_ok for c in checks])),
         "position": float(np.mean([c.position_ok for c in checks])),
         "background": float(np.mean([r.background_ok for r in results])),
-        "extra_objects": float(np.mean([len(r.extra_objects) > 0 for r in results])),
+        "images_with_extra_objects": float(np.mean([len(r.extra_objects) > 0 for r in results])),
+        "extra_objects_per_image": float(np.mean([len(r.extra_objects) for r in results])),
         "images": len(results),
     }

@@ -2,7 +2,10 @@
 guidance, scheduled guidance, true CFG with a negative prompt, the step cache (compared with the same setting
 without cache) and T5 length 512. Writes a JSON report and a picture grid.
 
-Usage: python -m evaluation.benchmark --models embedded_model --json report.json --grid grid.png
+Settings are chosen on the validation captions and reported on the test captions (evaluation/splits.py):
+
+    python -m evaluation.benchmark --split validation --tags sweep,t5_512 --json validation.json
+    python -m evaluation.benchmark --split test --tags recommended --seeds 2 --json test.json
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from PIL import Image, ImageDraw
 
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from fluxworks.flux_speed.step_cache import StepCacheConfig
-from training.shapes import held_out_captions, parse_caption, render
+from training.shapes import parse_caption, render, render_batch
 
-from .adherence import colour_share, score_image, summarise
+from .adherence import EVALUATOR, Adherence, colour_share, score_image, summarise
 from .cache_quality import cache_sweep, cache_to_dict, compare_to_reference, describe
 from .embedded import (
     EMBEDDED_DIR,
@@ -32,12 +35,9 @@ from .embedded import (
     EmbeddedPipeline,
     Generation,
 )
+from .splits import CAPTION_SEED, NOISE_SEED, SPLITS, noise_seeds, split_captions
 
 logger = logging.getLogger(__name__)
-
-CAPTION_SEED = 1234  # held_out_captions(seed): the benchmark's fixed caption list
-NOISE_SEED = 1000  # caption i is sampled from make_noise(NOISE_SEED + i)
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -59,6 +59,10 @@ class Setting:
 
 
 def constant(g: float, steps: int, tags: tuple[str, ...] = ("sweep",)) -> Setting:
+    """Constant guidance; the recommended pair (evaluation/embedded.py) also carries the tag "recommended",
+    the one row reported on the test captions."""
+    if (g, steps) == (RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS):
+        tags = (*tags, "recommended")
     return Setting(f"constant g={g:g}, {steps} steps", steps, GuidanceCurve.constant(g), None, tags)
 
 
@@ -114,31 +118,38 @@ def _red_share(images: np.ndarray) -> float:
 
 
 def sample_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting,
-                   batch: int = 25) -> Generation:
-    """All captions of one setting, `batch` at a time (caption i from noise seed NOISE_SEED + i); with a
-    cache, each batch is a fresh run and the counts are summed."""
+                   batch: int = 25, repeats: int = 1) -> Generation:
+    """All captions of one setting, `batch` at a time, `repeats` samples per caption (repeat r of caption i from
+    `noise_seeds(...)`; images ordered repeat by repeat); with a cache, each batch is a fresh run and the counts
+    are summed."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     runs = []
-    for i in range(0, len(captions), batch):
-        chunk = captions[i:i + batch]
-        seeds = [NOISE_SEED + i + j for j in range(len(chunk))]
-        runs.append(pipeline.sample(chunk, seeds, setting.steps, setting.curve, setting.negative,
-                                    setting.t5_length, cache=setting.cache))
+    for repeat in range(repeats):
+        seeds = noise_seeds(len(captions), repeat)
+        for i in range(0, len(captions), batch):
+            runs.append(pipeline.sample(captions[i:i + batch], seeds[i:i + batch], setting.steps, setting.curve,
+                                        setting.negative, setting.t5_length, cache=setting.cache))
     counts = [r.cache for r in runs if r.cache is not None]
     return Generation(np.concatenate([r.images for r in runs]), torch.cat([r.latents for r in runs]),
                       sum(counts[1:], counts[0]) if counts else None)
 
 
 def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: Setting, batch: int = 25,
-                     reference: Generation | None = None) -> tuple[dict, Generation]:
-    """Summary of one setting over `captions` (overall, captions with / without red) and its generation;
-    a cached setting also reports reuse and error against `reference` (the same setting without cache)."""
+                     reference: Generation | None = None, repeats: int = 1) -> tuple[dict, Generation]:
+    """Summary of one setting over `captions` x `repeats` seeds (overall, per seed, captions with / without
+    red) and its generation; a cached setting also reports reuse and error against `reference` (the same
+    setting without cache, sampled with the same repeats)."""
     if setting.cache is not None and reference is None:
         raise ValueError(f"{setting.name!r} uses the step cache: pass the generation without cache as reference")
     start = time.monotonic()
-    generation = sample_setting(pipeline, captions, setting, batch)
+    generation = sample_setting(pipeline, captions, setting, batch, repeats)
     seconds = time.monotonic() - start
     images = generation.images
+    captions = captions * repeats  # the images are ordered repeat by repeat
     results = [score_image(img, cap) for img, cap in zip(images, captions, strict=True)]
+    per_seed = [summarise(results[r * len(results) // repeats:(r + 1) * len(results) // repeats])["adherence"]
+                for r in range(repeats)]
     red = [r for r, c in zip(results, captions, strict=True) if _mentions_red(c)]
     other = [r for r, c in zip(results, captions, strict=True) if not _mentions_red(c)]
     summary = {
@@ -146,6 +157,8 @@ def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: S
         "curve": setting.curve.to_dict(), "negative": setting.negative, "t5_length": setting.t5_length,
         "cache": cache_to_dict(setting.cache) if setting.cache is not None else None,
         **summarise(results),
+        "repeats": repeats,
+        "adherence_per_seed": per_seed,
         "adherence_red_captions": summarise(red)["adherence"] if red else None,
         "adherence_other_captions": summarise(other)["adherence"] if other else None,
         "red_pixel_share_other_captions": _red_share(
@@ -156,8 +169,8 @@ def evaluate_setting(pipeline: EmbeddedPipeline, captions: list[str], setting: S
         summary.update(compare_to_reference(generation, reference),
                        adherence_no_cache=summarise(reference_results)["adherence"])
     summary["seconds"] = round(seconds, 2)
-    logger.info("%-50s adherence %.3f exact %.2f%s", setting.name, summary["adherence"], summary["exact"],
-                _cache_log(summary))
+    logger.info("%-50s adherence %.3f (recall %.3f precision %.3f) exact %.2f%s", setting.name,
+                summary["adherence"], summary["recall"], summary["precision"], summary["exact"], _cache_log(summary))
     return summary, generation
 
 
@@ -169,12 +182,44 @@ def _cache_log(summary: dict) -> str:
 
 
 def reference_scores(pipeline: EmbeddedPipeline, captions: list[str]) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-    """Adherence of clean renders of the captions (evaluator sanity) and of their VAE round trips."""
+    """Adherence of clean renders of the captions (evaluator sanity) and of their VAE round trips (what the
+    generator could reach with this VAE)."""
     rng = np.random.default_rng(CAPTION_SEED)
     renders = np.stack([render(parse_caption(c), rng) for c in captions])
-    recon = np.concatenate([pipeline.reconstruct(renders[i:i + 25]) for i in range(0, len(renders), 25)])
+    recon = round_trip(pipeline, renders)
     return (summarise([score_image(i, c) for i, c in zip(renders, captions, strict=True)]),
             summarise([score_image(i, c) for i, c in zip(recon, captions, strict=True)]), renders, recon)
+
+
+def round_trip(pipeline: EmbeddedPipeline, images: np.ndarray, batch: int = 25) -> np.ndarray:
+    return np.concatenate([pipeline.reconstruct(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def evaluator_false_positives(pipeline: EmbeddedPipeline, count: int, seed: int = 7) -> dict:
+    """The evaluator's own error on pictures that are right: `count` training-distribution renders (chunk 0 of
+    `render_batch(seed)`) through the VAE and back. Every extra object found there is a false positive (VAE
+    blur and colour bleeding read as an object), every failed check a false negative."""
+    renders, captions = render_batch(seed, 0, count)
+    results = [score_image(i, c) for i, c in zip(round_trip(pipeline, renders), captions, strict=True)]
+    return {"images": count, "render_batch_seed": seed,
+            "extra_objects": sum(len(r.extra_objects) for r in results),
+            "images_with_extra_objects": sum(bool(r.extra_objects) for r in results),
+            "summary": summarise(results)}
+
+
+def score_latents(pipeline: EmbeddedPipeline, latents: torch.Tensor | list[torch.Tensor],
+                  captions: list[str]) -> tuple[list[Adherence], dict]:
+    """Decode final latents with the embedded VAE and score each against its caption: per-image results and
+    their summary. `latents` are raw VAE-space latents (N, 16, H/8, W/8), as `Generation.latents` and a core
+    LATENT's "samples" (after core's process_latent_out) are; one tensor or a list of (1 or more)-image tensors."""
+    stacked = torch.cat([t if t.ndim == 4 else t[None] for t in latents]) if isinstance(latents, list) else latents
+    if stacked.ndim != 4 or stacked.shape[1] != 16:
+        raise ValueError(f"expected raw VAE-space latents of shape (N, 16, h, w), got {tuple(stacked.shape)}")
+    if stacked.shape[0] != len(captions):
+        raise ValueError(f"{stacked.shape[0]} latents but {len(captions)} captions")
+    images = np.concatenate([pipeline.decode(stacked[i:i + 25]) for i in range(0, len(stacked), 25)])
+    results = [score_image(img, cap) for img, cap in zip(images, captions, strict=True)]
+    return results, summarise(results)
 
 
 def picture_grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 1) -> Image.Image:
@@ -201,11 +246,18 @@ def _write_json(report: dict, path: str) -> None:
 
 
 def run(pipeline: EmbeddedPipeline, captions: list[str], settings: list[Setting], json_path: str,
-        grid_path: str | None, grid_setting: int = 0) -> dict:
+        grid_path: str | None, grid_setting: int = 0, repeats: int = 1, split: str | None = None,
+        false_positive_images: int = 0) -> dict:
     """Evaluate every setting; the JSON report is rewritten after each one, so a cut-off run keeps its part.
-    The generations without cache that a cached row is compared with are kept (latents and images)."""
+    The generations without cache that a cached row is compared with are kept (latents and images).
+    `split` only labels the report; `false_positive_images` > 0 adds `evaluator_false_positives`."""
     truth, recon, renders, recon_images = reference_scores(pipeline, captions)
-    report = {"captions": captions, "reference": {"clean_renders": truth, "vae_round_trip": recon}, "settings": []}
+    report = {"evaluator": EVALUATOR, "split": split, "repeats": repeats,
+              "noise_seeds": f"caption i, repeat r: {NOISE_SEED} + 1000 r + i (evaluation/splits.py)",
+              "device": str(pipeline.device), "compute_dtype": str(pipeline.compute_dtype), "captions": captions,
+              "reference": {"clean_renders": truth, "vae_round_trip": recon}, "settings": []}
+    if false_positive_images:
+        report["reference"]["evaluator_false_positives"] = evaluator_false_positives(pipeline, false_positive_images)
     needed = {s.without_cache().sampling_key() for s in settings if s.cache is not None}
     uncached: dict[tuple, Generation] = {}
     for index, setting in enumerate(settings):
@@ -214,9 +266,9 @@ def run(pipeline: EmbeddedPipeline, captions: list[str], settings: list[Setting]
             plain = setting.without_cache()
             if plain.sampling_key() not in uncached:
                 logger.info("sampling %r as the reference of the cached rows", plain.name)
-                uncached[plain.sampling_key()] = sample_setting(pipeline, captions, plain)
+                uncached[plain.sampling_key()] = sample_setting(pipeline, captions, plain, repeats=repeats)
             reference = uncached[plain.sampling_key()]
-        summary, generation = evaluate_setting(pipeline, captions, setting, reference=reference)
+        summary, generation = evaluate_setting(pipeline, captions, setting, reference=reference, repeats=repeats)
         if setting.sampling_key() in needed:
             uncached[setting.sampling_key()] = generation
         report["settings"].append(summary)
@@ -233,7 +285,12 @@ def main() -> None:
     parser.add_argument("--models", default=EMBEDDED_DIR)
     parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
     parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
-    parser.add_argument("--captions", type=int, default=50)
+    parser.add_argument("--split", choices=SPLITS, default="validation",
+                        help="validation: for choosing settings; test: for reporting only")
+    parser.add_argument("--captions", type=int, default=50, help="the first N captions of the split")
+    parser.add_argument("--seeds", type=int, default=1, help="noise seeds per caption")
+    parser.add_argument("--false-positive-images", type=int, default=0,
+                        help="also measure the evaluator on this many VAE round trips of training renders")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--grid", default=None)
@@ -243,14 +300,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = benchmark(args.models, (args.clip_tokenizer, args.t5_tokenizer), args.captions, args.device,
-                       args.json, args.grid, args.quick, tuple(args.tags.split(",")) if args.tags else None)
+                       args.json, args.grid, args.quick, tuple(args.tags.split(",")) if args.tags else None,
+                       args.split, args.seeds, args.false_positive_images)
     logger.info("reference: %s", report["reference"])
 
 
 def benchmark(models: str, tokenizer_folders: tuple[str, str], count: int, device: str, json_path: str,
-              grid_path: str | None, quick: bool = False, tags: tuple[str, ...] | None = None) -> dict:
-    """Load `models`, run the settings over `count` held-out captions, write the JSON report (fp32 compute).
-    `tags` keeps only the settings carrying one of them."""
+              grid_path: str | None, quick: bool = False, tags: tuple[str, ...] | None = None,
+              split: str = "validation", repeats: int = 1, false_positive_images: int = 0) -> dict:
+    """Load `models`, run the settings over the first `count` captions of `split`, write the JSON report (fp32
+    compute). `tags` keeps only the settings carrying one of them ("recommended" is the test split's row)."""
+    captions = split_captions(split, count)
     pipeline = EmbeddedPipeline.load(tokenizer_folders, models, device)
     settings = default_settings()
     if quick:
@@ -261,8 +321,8 @@ def benchmark(models: str, tokenizer_folders: tuple[str, str], count: int, devic
         settings = [s for s in settings if set(s.tags) & set(tags)]
         if not settings:
             raise ValueError(f"no benchmark setting carries any of the tags {tags}")
-    grid_setting = next((i for i, s in enumerate(settings) if s.name == "constant g=2, 12 steps"), 0)
-    return run(pipeline, held_out_captions(count, CAPTION_SEED), settings, json_path, grid_path, grid_setting)
+    grid_setting = next((i for i, s in enumerate(settings) if "recommended" in s.tags), 0)
+    return run(pipeline, captions, settings, json_path, grid_path, grid_setting, repeats, split, false_positive_images)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ import numpy as np
 from PIL import Image
 
 from fluxworks.flux_sampler.guidance import GuidanceCurve
-from training.shapes import held_out_captions, parse_caption, render
+from training.shapes import parse_caption, render
 
 from .adherence import score_image
-from .benchmark import CAPTION_SEED, NOISE_SEED, picture_grid
+from .benchmark import picture_grid
 from .embedded import DEMO_PROMPT, EMBEDDED_DIR, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, EmbeddedPipeline
+from .splits import CAPTION_SEED, noise_seeds, validation_captions
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ logger = logging.getLogger(__name__)
 def write_samples(pipeline: EmbeddedPipeline, out_dir: str, count: int = 10, demo_seed: int = 0) -> dict[str, str]:
     """Write the sample sheet and the demo image; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    captions = held_out_captions(count, CAPTION_SEED)
-    seeds = [NOISE_SEED + i for i in range(count)]
+    captions = validation_captions(count)  # pictures only; the test captions stay for reported numbers
+    seeds = noise_seeds(count)
     rng = np.random.default_rng(CAPTION_SEED)
     targets = np.stack([render(parse_caption(c), rng) for c in captions])
     plain = pipeline.generate(captions, seeds, RECOMMENDED_STEPS, GuidanceCurve.constant(1.0))
@@ -38,7 +39,7 @@ def write_samples(pipeline: EmbeddedPipeline, out_dir: str, count: int = 10, dem
     picture_grid([targets, plain, chosen], [
         "rows: target render of the caption; model, guidance 1; model, recommended "
         f"({RECOMMENDED_STEPS} steps, guidance {RECOMMENDED_GUIDANCE:g}); held-out captions 1-{count} of the "
-        "benchmark, left to right"], scale=1).save(sheet)
+        "validation split, left to right"], scale=1).save(sheet)
     [demo] = pipeline.generate([DEMO_PROMPT], [demo_seed], RECOMMENDED_STEPS,
                                GuidanceCurve.constant(RECOMMENDED_GUIDANCE))
     demo_path = os.path.join(out_dir, "embedded_model_demo.png")
