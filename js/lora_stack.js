@@ -131,7 +131,10 @@ function addReport(nodeType) {
     ctx.save();
     ctx.font = "11px monospace";
     ctx.fillStyle = "#bbb";
-    const top = Math.max(this.inputs?.length ?? 0, this.outputs?.length ?? 0) * 20 + 16;
+    const slots = Math.max(this.inputs?.length ?? 0, this.outputs?.length ?? 0) * 20 + 16;
+    // below the widgets too (switch_vram), where the frontend records their position
+    const widgets = (this.widgets ?? []).reduce((y, w) => Math.max(y, (w.last_y ?? w.y ?? -1000) + 36), 0);
+    const top = Math.max(slots, widgets);
     const lines = wrapReport(ctx, this.fluxworksReport, this.size[0] - 20);
     lines.forEach((line, i) => ctx.fillText(line, 10, top + i * REPORT_LINE));
     ctx.restore();

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import comfy.model_management as mm
 import folder_paths
 import torch
 
@@ -130,7 +129,7 @@ class FluxWorksControlNetLoader:
 
     def load(self, control_net_name: str, weight_dtype: str):
         path = host.full_path("controlnet", control_net_name)
-        device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        device, offload = host.model_devices()
         net = load_controlnet(path, weight_dtype, host.default_compute_dtype(device))
         return (host.wrap_patcher(net, device, offload),)
 
@@ -217,8 +216,8 @@ class FluxWorksCannyEdges:
     DESCRIPTION = "Canny edge map (white edges on black), computed in torch on the GPU when there is one."
 
     def detect(self, image, low_threshold: float, high_threshold: float, blur_sigma: float):
-        edges = canny_edges(image.to(mm.get_torch_device()), low_threshold, high_threshold, blur_sigma)
-        return (edges[..., None].expand(*edges.shape, 3).to(mm.intermediate_device(), torch.float32),)
+        edges = canny_edges(image.to(host.compute_device()), low_threshold, high_threshold, blur_sigma)
+        return (edges[..., None].expand(*edges.shape, 3).to(host.intermediate_device(), torch.float32),)
 
 
 class FluxWorksDepthEstimate:
@@ -237,11 +236,11 @@ class FluxWorksDepthEstimate:
     def estimate(self, image, model_name: str):
         path = host.full_path(DEPTH_FOLDER, model_name)
         model, processor = load_depth_model(path)
-        device = mm.get_torch_device()
+        device, offload = host.model_devices()
         estimator = DepthEstimator(model.to(host.default_compute_dtype(device)), processor, path)
-        host.load_on_device(host.wrap_patcher(estimator, device, mm.unet_offload_device()))
+        host.load_on_device(host.wrap_patcher(estimator, device, offload))
         depth = estimator(image)
-        return (depth[..., None].expand(*depth.shape, 3).to(mm.intermediate_device(), torch.float32),)
+        return (depth[..., None].expand(*depth.shape, 3).to(host.intermediate_device(), torch.float32),)
 
 
 class SamplerControls:
@@ -277,8 +276,7 @@ class SamplerControls:
 
     def load_models(self, patcher) -> torch.device:
         """Load the FLUX.1 model and every ControlNet together, so one does not evict another."""
-        mm.load_models_gpu([patcher, *(c.patcher for c in self.applied)], force_full_load=True)
-        return patcher.load_device
+        return host.load_on_device(patcher, [c.patcher for c in self.applied])
 
     def on_device(self, device: torch.device, transformer_config) -> tuple[ControlStack | None, torch.Tensor | None]:
         """The sampler's `controls` and `concat_latent` arguments."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..flux_sampler.guidance import CURVE_SHAPES, GuidanceCurve, progress_from_sigma
 from . import host
 
@@ -56,21 +54,8 @@ class FluxWorksScheduleCoreModel:
         if not isinstance(guidance_schedule, GuidanceCurve):
             raise TypeError(f"guidance_schedule must come from FluxWorksGuidanceSchedule, got "
                             f"{type(guidance_schedule).__name__}")
-        patched = model.clone()
-        previous = patched.model_options.get("model_function_wrapper")
-
-        def scheduled_guidance(apply_model, args):
-            c = args["c"]
-            sigmas = c.get("transformer_options", {}).get("sample_sigmas")
-            if sigmas is not None and c.get("guidance") is not None:
-                value = guidance_schedule.value_at(progress_from_sigma(sigmas, args["timestep"]))
-                c = {**c, "guidance": torch.full_like(c["guidance"], value)}
-            if previous is not None:
-                return previous(apply_model, {**args, "c": c})
-            return apply_model(args["input"], args["timestep"], **c)
-
-        patched.set_model_unet_function_wrapper(scheduled_guidance)
-        return (patched,)
+        return (host.schedule_core_guidance(
+            model, lambda sigmas, sigma: guidance_schedule.value_at(progress_from_sigma(sigmas, sigma))),)
 
 
 NODE_CLASS_MAPPINGS = {

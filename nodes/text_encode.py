@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_management as mm
-
 from ..flux_models.text_encoders import encode
 from . import host
 
@@ -50,7 +48,7 @@ class FluxWorksTextEncode:
         if result.clip_dropped_tokens:
             logger.warning("FluxWorksTextEncode: CLIP-L prompt truncated to 77 tokens (%d tokens dropped)",
                            result.clip_dropped_tokens)
-        out = mm.intermediate_device()
+        out = host.intermediate_device()
         return ([[result.t5_embeds.to(out), {"pooled_output": result.clip_pooled.to(out)}]],)
 
 

@@ -84,7 +84,8 @@ def test_nodes_declare_their_inputs_in_a_stable_order(comfy_server):
     stack, apply = info["FluxWorksLoraStack"], info["FluxWorksApplyLoraStack"]
     assert stack["input_order"] == {"required": ["rows"], "optional": ["lora_stack"]}
     assert stack["output"] == ["LORA_STACK"]
-    assert apply["input_order"] == {"required": ["flux_model", "lora_stack"], "optional": ["text_encoder"]}
+    assert apply["input_order"] == {"required": ["flux_model", "lora_stack"],
+                                    "optional": ["text_encoder", "switch_vram"]}
     assert apply["output"] == ["FLUX_MODEL", "FLUX_TEXT_ENCODER", "STRING"]
     assert apply["output_name"] == ["flux_model", "text_encoder", "applied_loras"]
 

@@ -36,8 +36,8 @@ def loras(pack, flux, text_encoders):
     return out
 
 
-def apply(pack, patcher, stack, text_encoder=None):
-    return pack.nodes.lora.FluxWorksApplyLoraStack().apply(patcher, stack, text_encoder)
+def apply(pack, patcher, stack, text_encoder=None, **optional):
+    return pack.nodes.lora.FluxWorksApplyLoraStack().apply(patcher, stack, text_encoder, **optional)
 
 
 def test_stack_rows_from_json_any_number_and_chained(pack, loras):
@@ -110,8 +110,8 @@ def test_switching_stacks_in_place_equals_a_fresh_load_and_restores_the_base(pac
     second, _, _ = apply(pack, base, [(names[1], 0.6, 0.6), (names[2], 1.0, 1.0)])["result"]
     empty, _, _ = apply(pack, base, [])["result"]
     switches = []
-    switch = pack.nodes.lora.FastSwitchPatcher._switch_weights
-    monkeypatch.setattr(pack.nodes.lora.FastSwitchPatcher, "_switch_weights",
+    switch = pack.nodes.host.FastSwitchPatcher._switch_weights
+    monkeypatch.setattr(pack.nodes.host.FastSwitchPatcher, "_switch_weights",
                         lambda self, device: switches.append(self) or switch(self, device))
     loaded_weights(pack, first)
     after_switch = loaded_weights(pack, second)
@@ -123,6 +123,49 @@ def test_switching_stacks_in_place_equals_a_fresh_load_and_restores_the_base(pac
     assert base.backup == {}  # every original is back in the model
     assert max_difference(loaded_weights(pack, first), loaded_weights(pack, apply(
         pack, make_patcher(pack, flux), [(names[0], 1.0, 1.0)])["result"][0])) == 0.0
+
+
+def test_switches_keep_originals_on_the_device_within_the_budget_and_equal_a_fresh_load(pack, flux, loras,
+                                                                                          monkeypatch):
+    names = sorted(loras)
+    base = make_patcher(pack, flux)
+    original = loaded_weights(pack, base)
+    switched = []
+    switch = pack.nodes.host.FastSwitchPatcher._switch_weights
+    monkeypatch.setattr(pack.nodes.host.FastSwitchPatcher, "_switch_weights",
+                        lambda self, device: switched.append(self) or switch(self, device))
+    kept_bytes = {}
+    # The budget changes between prompts too: originals above the new budget leave the device.
+    for fraction, stack in ((1.0, [(names[0], 1.0, 1.0)]), (0.05, [(names[1], 0.6, 0.6), (names[2], 1.0, 1.0)]),
+                            (0.0, [(names[2], -0.5, -0.5)]), (0.05, [(names[0], 0.3, 0.3), (names[1], 1.0, 1.0)])):
+        patched = apply(pack, base, stack, switch_vram=fraction)["result"][0]
+        weights = loaded_weights(pack, patched)
+        assert switched[-1] is patched, "the stack should be switched in place, not reloaded"
+        kept = patched.originals_on_device()
+        all_originals = sum(b.weight.numel() * b.weight.element_size() for b in base.backup.values())
+        assert kept <= int(fraction * base.model_size())
+        assert len(base.backup) == len(patched.patches) > 0
+        kept_bytes[fraction] = (kept, all_originals)
+        fresh = apply(pack, make_patcher(pack, flux), stack)["result"][0]
+        assert max_difference(weights, loaded_weights(pack, fresh)) == 0.0
+    assert kept_bytes[1.0][0] == kept_bytes[1.0][1]  # everything fits a budget of the whole model
+    assert kept_bytes[0.0][0] == 0
+    assert 0 < kept_bytes[0.05][0] < kept_bytes[0.05][1]  # part on the device, part in CPU memory
+    assert max_difference(loaded_weights(pack, apply(pack, base, [])["result"][0]), original) == 0.0
+    assert base.backup == {}
+
+
+def test_switch_vram_is_optional_and_checked(pack, flux, loras):
+    spec = pack.nodes.lora.FluxWorksApplyLoraStack.INPUT_TYPES()
+    assert list(spec["required"]) == ["flux_model", "lora_stack"]
+    assert list(spec["optional"]) == ["text_encoder", "switch_vram"]  # new inputs append: saved widgets keep order
+    assert spec["optional"]["switch_vram"][1]["default"] == pack.nodes.host.DEFAULT_ORIGINALS_FRACTION
+    patched = apply(pack, make_patcher(pack, flux), [(sorted(loras)[0], 1.0, 1.0)])["result"][0]
+    assert patched.originals_fraction == pack.nodes.host.DEFAULT_ORIGINALS_FRACTION
+    assert patched.clone().originals_fraction == pack.nodes.host.DEFAULT_ORIGINALS_FRACTION
+    for bad in (1.5, -0.1, "0.2", True):
+        with pytest.raises(ValueError, match=r"switch_vram must be a number from 0 to 1 .* got"):
+            apply(pack, make_patcher(pack, flux), [], switch_vram=bad)
 
 
 @pytest.fixture(scope="module")
