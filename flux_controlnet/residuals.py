@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from ..flux_sampler.control import ControlResiduals
+from ..flux_sampler.progress import StepPosition
 from .model import FluxControlNet
 
 
 def step_active(start: float, end: float, step: int, steps: int) -> bool:
-    """Step `step` (0-based) of `steps` runs a control when start <= step/steps and (step+1)/steps <= end:
-    the rule of diffusers' `control_guidance_start` / `control_guidance_end`."""
-    return not (step / steps < start or (step + 1) / steps > end)
+    """Step `step` (0-based) of `steps` runs a control when its whole span [step/steps, (step+1)/steps] lies in
+    [start, end]: the rule of diffusers' `control_guidance_start` / `control_guidance_end`."""
+    return StepPosition(step, steps).inside_span(start, end)
 
 
 def block_indices(depth: int, count: int, cyclic: bool) -> list[int]:

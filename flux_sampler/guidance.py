@@ -1,7 +1,8 @@
 """Timestep-scheduled guidance: the distilled-guidance value as a curve over sampling progress, plus an
 optional true-CFG window in which the negative prompt is evaluated.
 
-Progress of step i of n is i / (n - 1): the first step sees the curve's start, the last step its end.
+Progress is a `StepPosition`'s (flux_sampler/progress.py): step i of n sits at i / (n - 1), so the first step
+sees the curve's start and the last step its end.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .progress import StepPosition
+
 CURVE_SHAPES = ("constant", "linear", "cosine", "exponential", "step")
 
 
 def step_progress(step: int, steps: int) -> float:
-    """Sampling progress of step `step` (0-based) out of `steps`, in [0, 1]."""
-    return 0.0 if steps <= 1 else step / (steps - 1)
+    """Sampling progress of step `step` (0-based) out of `steps`, in [0, 1] (`StepPosition.progress`)."""
+    return StepPosition(step, steps).progress
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,9 @@ class GuidanceCurve:
 def progress_from_sigma(sigmas: torch.Tensor, sigma: torch.Tensor) -> float:
     """Progress of the step whose starting sigma is `sigma` within a schedule `sigmas` (steps + 1 values).
 
-    Hosts that hand the model only the current sigma (ComfyUI's samplers) map it back to a step this way.
+    Only for hosts that hand the model nothing but the current sigma (core's KSampler, through the Schedule Core
+    Model node): the sampler passes `sigmas[i]` itself, so the nearest entry *is* the step index i, and the
+    progress then comes from the same `StepPosition` the FluxWorks Sampler hands down.
     """
     sigmas = sigmas.detach().flatten().to(torch.float64).cpu()
     value = float(sigma.detach().flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)

@@ -7,18 +7,28 @@ The loop follows k-diffusion's protocol: progress, previews and interruption rea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from .control import ControlResiduals, StepControl, residual_kwargs, with_concat_latent
-from .guidance import GuidanceCurve, step_progress
+from .guidance import GuidanceCurve
 from .latents import make_img_ids, pack, unpack
+from .progress import StepPosition
 
 # callback(step, total_steps, x, denoised): called after each step with the new latent and the x0 estimate.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# scope(position, stream): a context entered around each transformer call, stream "positive" or "negative"
+# (the step cache and fp8 calibration of a prepared transformer use it; see flux_speed.prepare).
+EvaluationScope = Callable[[StepPosition, str], AbstractContextManager]
+
+
+def _no_scope(position: StepPosition, stream: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,8 @@ class FluxDenoiser:
     Applies the guidance curve per step (distilled guidance embedding, when the model has one) and true
     CFG with the negative prompt inside the curve's window. `forward_calls` counts transformer evaluations.
     Optional `controls` add ControlNet residuals each step; `concat_latent` (B|1, 16, H, W, model space) is
-    appended to the image tokens for BFL's structural (Canny/Depth-dev) models.
+    appended to the image tokens for BFL's structural (Canny/Depth-dev) models. `scope` is entered around each
+    transformer call with the step's position and the prompt stream.
     """
 
     def __init__(
@@ -58,8 +69,10 @@ class FluxDenoiser:
         compute_dtype: torch.dtype | None = None,
         controls: StepControl | None = None,
         concat_latent: torch.Tensor | None = None,
+        scope: EvaluationScope | None = None,
     ) -> None:
         self.transformer = transformer
+        self.scope = scope or _no_scope
         self.positive = positive
         self.negative = negative
         self.curve = curve
@@ -106,17 +119,19 @@ class FluxDenoiser:
         return unpack(out, h, w).to(device=x.device, dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
-        progress = step_progress(step, self.steps)
-        guidance = self.curve.value_at(progress)
+        position = StepPosition(step, self.steps)
+        guidance = self.curve.value_at(position.progress)
         self.guidance_history.append(guidance)
         residuals = None
         if self.controls is not None:
             inputs = self.transformer_inputs(x, sigma, self.positive, guidance)
             residuals = self.controls(inputs, guidance, step, self.steps)
-        v_pos = self.model_velocity(x, sigma, self.positive, guidance, residuals)
-        if self.negative is None or not self.curve.cfg_active(progress):
+        with self.scope(position, "positive"):
+            v_pos = self.model_velocity(x, sigma, self.positive, guidance, residuals)
+        if self.negative is None or not self.curve.cfg_active(position.progress):
             return v_pos
-        v_neg = self.model_velocity(x, sigma, self.negative, guidance, residuals)
+        with self.scope(position, "negative"):
+            v_neg = self.model_velocity(x, sigma, self.negative, guidance, residuals)
         return v_neg + self.curve.cfg_scale * (v_pos - v_neg)
 
 
@@ -153,16 +168,19 @@ def sample_flux(
     callback: StepCallback | None = None,
     controls: StepControl | None = None,
     concat_latent: torch.Tensor | None = None,
+    scope: EvaluationScope | None = None,
 ) -> tuple[torch.Tensor, FluxDenoiser]:
     """Text-to-image (or image-to-image when `sigmas[0]` < 1) from a model-space `latent`.
 
     The start point is sigma0 * noise + (1 - sigma0) * latent (pure noise at sigma0 = 1); returns the
     model-space result and the denoiser (which recorded its forward calls and per-step guidance).
-    `controls` and `concat_latent` are passed to `FluxDenoiser` (ControlNets, structural models).
+    `controls`, `concat_latent` and `scope` are passed to `FluxDenoiser` (ControlNets, structural models, the
+    prepared transformer's per-call context). The FluxWorks Sampler reaches this through
+    `flux_speed.prepare.sample_prepared`.
     """
     steps = len(sigmas) - 1
     denoiser = FluxDenoiser(transformer, positive, negative, curve, steps, guidance_embeds, compute_dtype,
-                            controls, concat_latent)
+                            controls, concat_latent, scope)
     sigma0 = sigmas[0].to(torch.float32)
     x = sigma0 * noise.to(torch.float32) + (1.0 - sigma0) * latent.to(torch.float32)
     return sample_euler(denoiser, x, sigmas.to(torch.float32), callback), denoiser

@@ -1,16 +1,27 @@
-"""Speed options and the prepared runner: a structural clone of the transformer (sharing its tensors) on
-which fp8 matmul, attention backend and regional compile are applied, so the loaded model itself is never
-changed and other graph branches keep working."""
+"""Speed options and the prepared transformer the FluxWorks Sampler calls.
+
+`prepare` returns a `PreparedTransformer`: diffusers' own `FluxTransformer2DModel` -- the loaded one when no
+option changes it, else a structural clone sharing its tensors -- with the speed options applied (attention
+backend, fp8 matmul linears, regional compile) and the step cache and block offload attached as diffusers hooks.
+The sampler, the benchmarks and the parity tests all call the model it holds through `sample_prepared`, so the
+forward that is verified and timed is diffusers' forward, the one users run. The loaded model itself is never
+changed, so other graph branches keep working.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
-from .compile import best_attention_backend, compile_blocks, set_attention_backend
+from ..flux_sampler.progress import StepPosition
+from ..flux_sampler.sampling import sample_flux
+from .compile import best_attention_backend, compile_available, compile_blocks, compile_limits, set_attention_backend
 from .fp8_linear import (
     FP8_ACTIVATIONS,
     FP8_SCALINGS,
@@ -20,9 +31,8 @@ from .fp8_linear import (
     quantize_transformer_linears,
     start_calibration,
 )
-from .offload import BlockOffloader
-from .runner import FluxRunner
-from .step_cache import StepCacheConfig
+from .offload import BlockOffloader, attach_offload
+from .step_cache import StepCacheConfig, StepCacheState, attach_step_cache
 
 logger = logging.getLogger(__name__)
 
@@ -62,52 +72,74 @@ class SpeedOptions:
     def offload(self) -> bool:
         return self.offload_resident_blocks >= 0
 
-
-class CalibratingRunner(FluxRunner):
-    """A FluxRunner for models with calibrated fp8 linears: each sampling run (`begin`) measures activation
-    amax during its first step (all calls at the first timestep, so both CFG streams count) and freezes the
-    static scales when the next timestep arrives. A run of one step simply stays on dynamic scales."""
-
-    def __init__(self, transformer: torch.nn.Module, cache: StepCacheConfig | None = None) -> None:
-        super().__init__(transformer, cache)
-        self._restart_calibration()
-
-    def _restart_calibration(self) -> None:
-        start_calibration(self.transformer)
-        self._calibration_timestep: float | None = None
-        self.calibrating = True
-
-    def begin(self, sigmas: torch.Tensor) -> None:
-        super().begin(sigmas)
-        self._restart_calibration()
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, *args, **kwargs):
-        if self.calibrating:
-            value = float(timestep.detach().flatten()[0])
-            if self._calibration_timestep is None:
-                self._calibration_timestep = value
-            elif value != self._calibration_timestep:
-                freeze_calibration(self.transformer)
-                self.calibrating = False
-        return super().forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, *args, **kwargs)
+    @classmethod
+    def defaults_for(cls, device: torch.device) -> SpeedOptions:
+        """What the FluxWorks Sampler runs with no FluxWorks Speed node: on a CUDA GPU with Triton, regional
+        compile of the bf16 blocks (eager diffusers is slower than core's native bf16 model; compiled blocks are
+        faster, docs/performance.md), lossless and cached across prompts; elsewhere plain diffusers eager."""
+        return cls(compile=device.type == "cuda" and compile_available())
 
 
-def make_runner(model: torch.nn.Module, cache: StepCacheConfig | None = None, offloader=None) -> FluxRunner:
-    """CalibratingRunner when `model` has calibrated fp8 linears (they need one), else FluxRunner. Block
-    offload is refused with them: it swaps each block's tensors for host copies, losing measured amaxes."""
-    if not calibrated_linears(model):
-        return FluxRunner(model, cache, offloader)
-    if offloader is not None:
-        raise ValueError(_CALIBRATED_OFFLOAD)
-    return CalibratingRunner(model, cache)
+@dataclass
+class PreparedTransformer:
+    """What one sampling run calls: `model` is a diffusers FluxTransformer2DModel (called with diffusers'
+    keyword inputs, diffusers' forward), `cache` the step cache's run state (None without a cache), `offloader`
+    the block streamer (None without offload). Use `run()` around a sampling run and `evaluation(...)` around
+    each transformer call; `sample_prepared` does both."""
+
+    model: torch.nn.Module
+    options: SpeedOptions
+    cache: StepCacheState | None = None
+    offloader: BlockOffloader | None = None
+    calibrated: bool = False
+    _calibration_step: int | None = None
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[PreparedTransformer]:
+        """One sampling run: fresh cache state and fp8 calibration; the compile cache limit raised only inside."""
+        if self.cache is not None:
+            self.cache.reset()
+        if self.calibrated:
+            start_calibration(self.model)
+            self._calibration_step = None
+        with compile_limits() if self.options.compile else contextlib.nullcontext():
+            yield self
+
+    @contextlib.contextmanager
+    def evaluation(self, position: StepPosition, stream: str) -> Iterator[None]:
+        """One transformer call at step `position` for prompt stream `stream` ("positive" / "negative").
+        Calibrated fp8 scales are measured on every call of the run's first step and frozen when the next step
+        begins (a one-step run simply stays on dynamic scales)."""
+        if self.calibrated and self._calibration_step is not None and position.index != self._calibration_step:
+            freeze_calibration(self.model)
+        if self.calibrated and self._calibration_step is None:
+            self._calibration_step = position.index
+        if self.cache is None:
+            yield
+            return
+        with self.cache.evaluation(position, stream):
+            yield
+
+    def close(self) -> None:
+        """End block streaming (hand the streamed blocks back in pageable CPU memory)."""
+        if self.offloader is not None:
+            self.offloader.close()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
 def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
-    """A new module tree with the same parameters and buffers (no tensor copies); attention processors are
-    copied too, since backends are set on them."""
+    """A new module tree with the same parameters and buffers (no tensor copies). Attention processors (backends
+    are set on them) and torch's hook tables are the clone's own, so what is set or registered on the clone never
+    reaches the loaded model; hooks already on the loaded model are kept."""
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
+    for name in _HOOK_DICTS:
+        if isinstance(getattr(module, name, None), dict):
+            setattr(new, name, type(getattr(module, name))(getattr(module, name)))
     new._modules = {name: clone_structure(child) if child is not None else None
                     for name, child in module._modules.items()}
     if hasattr(module, "processor"):
@@ -115,21 +147,27 @@ def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
-                   compute_dtype: torch.dtype) -> FluxRunner:
-    """The runner for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
-    dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the
-    blocks' code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated
-    fp8 scales live in this runner's own linears, so they never outlive the run.
+def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
+            compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None) -> PreparedTransformer:
+    """The transformer for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
+    dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the blocks'
+    code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated fp8 scales live
+    in this run's own linears, so they never outlive the run.
 
+    With no option that changes the model (the CPU defaults) the loaded transformer itself is returned, unhooked.
     With `options.offload` the host has left the blocks in CPU memory (only the embedders and output layers on
-    `device`); the offloader is built last, over the blocks the runner will call (fp8 ones when quantised, so
-    the smaller fp8 copies are what is streamed). Call `runner.offloader.close()` when the run ends."""
-    model = transformer
-    if options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto":
-        model = clone_structure(transformer)
-        backend = best_attention_backend(device) if options.attention == "auto" else _BACKENDS[options.attention]
-        set_attention_backend(model, backend)
+    `device`); the offloader is built last, over the blocks the model will call (fp8 ones when quantised, so the
+    smaller fp8 copies are what is streamed). Hooks: block offload first, then the step cache, so a block the
+    cache skips is never fetched. `interrupt` (the host's cancel check, which raises to stop) is called before
+    every block, so a cancel is honoured within one block even when one step takes minutes. Call `close()` when
+    the run ends."""
+    needs_clone = (options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto"
+                   or options.offload or options.cache is not None or interrupt is not None)
+    if not needs_clone:
+        return PreparedTransformer(transformer, options)
+    model = clone_structure(transformer)
+    backend = best_attention_backend(device) if options.attention == "auto" else _BACKENDS[options.attention]
+    set_attention_backend(model, backend)
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
             quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling,
@@ -142,14 +180,58 @@ def prepare_runner(transformer: torch.nn.Module, options: SpeedOptions, device: 
             compile_blocks(model, tune_kernels=options.tune_kernels)
         else:
             logger.info("torch.compile is skipped on the CPU (compile time outweighs the gain)")
+    calibrated = bool(calibrated_linears(model))
+    if interrupt is not None:
+        attach_block_check(model, interrupt)
     offloader = None
     if options.offload:
-        if calibrated_linears(model):
+        if calibrated:
             raise ValueError(_CALIBRATED_OFFLOAD)  # before the offloader moves any block
         offloader = BlockOffloader(transformer_blocks(model), device, resident=options.offload_resident_blocks)
-    return make_runner(model, options.cache, offloader)
+        attach_offload(model, offloader)
+    cache = None
+    if options.cache is not None:
+        cache = attach_step_cache(model, options.cache)
+        if cache is None:
+            logger.info("step cache: the model has fewer than two blocks, nothing to skip")
+        elif offloader is not None:
+            cache.on_skip = offloader.skip_pass
+    return PreparedTransformer(model, options, cache, offloader, calibrated)
+
+
+def sample_prepared(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
+                    compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None, **sample_args):
+    """Prepare `transformer` with `options` and run `sample_flux` on it (keyword arguments as sample_flux takes,
+    without `transformer` and `compute_dtype`): what the FluxWorks Sampler node runs once the host has loaded
+    the weights and made the conditioning, and what the parity tests and benchmarks call.
+    Returns (model-space latent, denoiser, prepared)."""
+    prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+    try:
+        with prepared.run():
+            x, denoiser = sample_flux(prepared.model, compute_dtype=compute_dtype, scope=prepared.evaluation,
+                                      **sample_args)
+    finally:
+        prepared.close()
+    return x, denoiser, prepared
+
+
+class _BlockCheck(ModelHook):
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self.check = check
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.check()
+        return args, kwargs
+
+
+def attach_block_check(transformer: torch.nn.Module, check: Callable[[], None]) -> None:
+    """Call `check` before every block's own forward (registered first, so the innermost hook)."""
+    for block in transformer_blocks(transformer):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockCheck(check), "fluxworks_block_check")
 
 
 def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The double then single blocks, in the order FluxRunner calls them (the order BlockOffloader prefetches)."""
+    """The double then single blocks, in the order diffusers' forward calls them (the order BlockOffloader
+    prefetches)."""
     return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)

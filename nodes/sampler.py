@@ -13,9 +13,9 @@ import torch
 
 from ..flux_sampler.guidance import GuidanceCurve
 from ..flux_sampler.latents import LATENT_CHANNELS, make_noise, to_model_space, to_vae_space
-from ..flux_sampler.sampling import TextConditioning, sample_flux
+from ..flux_sampler.sampling import TextConditioning
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
-from ..flux_speed.prepare import prepare_runner
+from ..flux_speed.prepare import sample_prepared
 from . import controlnet, host, speed
 
 logger = logging.getLogger(__name__)
@@ -119,16 +119,15 @@ class FluxWorksSampler:
                 device = controls.load_models(patcher)
             stack, concat_latent = controls.on_device(device, flux.config)
             callback = self._progress(device, steps)
-            runner = prepare_runner(flux.transformer, options, device, flux.compute_dtype)
-            if runner.offloader is not None:
-                cleanup.callback(runner.offloader.close)  # runs before the host puts the model back
-            runner.begin(sigmas)
-            x, _ = sample_flux(runner, flux.config.guidance_embeds, pos, neg,
-                               to_model_space(samples.to(torch.float32)).to(device), noise.to(device),
-                               sigmas.to(device), curve, flux.compute_dtype, callback, stack, concat_latent)
-        if runner.cache_state is not None:
-            logger.info("FluxWorksSampler: step cache reused the deep blocks on %d of %d model evaluations",
-                        runner.cache_state.hits, runner.cache_state.hits + runner.cache_state.misses)
+            x, _, prepared = sample_prepared(
+                flux.transformer, options, device, flux.compute_dtype, interrupt=mm.throw_exception_if_processing_interrupted,
+                guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
+                latent=to_model_space(samples.to(torch.float32)).to(device), noise=noise.to(device),
+                sigmas=sigmas.to(device), curve=curve, callback=callback, controls=stack, concat_latent=concat_latent)
+        if prepared.cache is not None:
+            logger.info("FluxWorksSampler: step cache reused the deep blocks on %d of %d model evaluations "
+                        "(steps %s)", prepared.cache.hits, prepared.cache.hits + prepared.cache.misses,
+                        prepared.cache.reused_steps)
         out = dict(latent_image)
         out["samples"] = to_vae_space(x).to(mm.intermediate_device())
         return (out,)

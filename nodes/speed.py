@@ -14,8 +14,10 @@ _PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
 
 def speed_options(patcher) -> SpeedOptions:
-    """The options a FLUX_MODEL carries (defaults: best attention backend, nothing lossy)."""
-    return patcher.model_options.get("transformer_options", {}).get(OPTIONS_KEY, SpeedOptions())
+    """The options a FLUX_MODEL carries; without a Speed node, `SpeedOptions.defaults_for` its device (nothing
+    lossy: regional compile on CUDA GPUs with Triton, eager elsewhere)."""
+    carried = patcher.model_options.get("transformer_options", {}).get(OPTIONS_KEY)
+    return carried if carried is not None else SpeedOptions.defaults_for(patcher.load_device)
 
 
 def with_options(patcher, options: SpeedOptions):
@@ -32,8 +34,9 @@ class FluxWorksSpeed:
             "model": (host.FLUX_MODEL,),
             "compile": ("BOOLEAN", {"default": True, "tooltip": "Regional torch.compile of the repeated blocks "
                                     "(GPU; the first run compiles, later prompts reuse it)."}),
-            "fp8_matmul": ("BOOLEAN", {"default": False, "tooltip": "fp8 tensor-core matmul on Ada/Hopper GPUs: "
-                                       "faster, small numeric change (see docs/performance.md)."}),
+            "fp8_matmul": ("BOOLEAN", {"default": True, "tooltip": "fp8 tensor-core matmul on Ada/Hopper GPUs: "
+                                       "faster, small numeric change (see docs/performance.md). Cards without fp8 "
+                                       "matmul (and the CPU) keep bf16/fp32 matmul."}),
             "attention": (list(ATTENTION_CHOICES), {"default": "auto",
                                                      "tooltip": "auto: cuDNN attention on NVIDIA GPUs."}),
         }, "optional": {

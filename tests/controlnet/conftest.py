@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from devtools.tiny_models import random_flux
-from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas
 from fluxworks.flux_sampler.latents import LATENT_SCALE, LATENT_SHIFT, make_noise, pack
+from tests.node_path import sample_node_path
 
 HEIGHT = WIDTH = 128  # pixels: a 16 x 16 latent, 64 tokens
 LATENT_SHAPE = (1, 16, HEIGHT // 8, WIDTH // 8)
@@ -74,6 +75,6 @@ def control_latent_tokens(vae, image: torch.Tensor) -> torch.Tensor:
 def sample(transformer, prompt, noise, controls=None, concat_latent=None, steps: int = STEPS) -> torch.Tensor:
     """Our sampler from pure noise; returns the packed model-space latent, as diffusers' output_type='latent'."""
     sigmas = get_sigmas(steps, calculate_mu(LATENT_SHAPE[2] * LATENT_SHAPE[3] // 4))
-    x, _ = sample_flux(transformer, True, prompt, None, torch.zeros(LATENT_SHAPE), noise, sigmas,
+    x, _ = sample_node_path(transformer, True, prompt, None, torch.zeros(LATENT_SHAPE), noise, sigmas,
                        GuidanceCurve.constant(GUIDANCE), controls=controls, concat_latent=concat_latent)
     return pack(x)

@@ -11,8 +11,9 @@ from fluxworks.flux_models.transformer import infer_config
 from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from fluxworks.flux_sampler.latents import make_noise
-from fluxworks.flux_sampler.sampling import TextConditioning, sample_flux
+from fluxworks.flux_sampler.sampling import TextConditioning
 from fluxworks.flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
+from tests.node_path import sample_node_path
 
 LATENT_SHAPE = (1, 16, 8, 8)
 
@@ -59,7 +60,7 @@ def sample(transformer, steps: int = 3, seed: int = 0, compute_dtype=None) -> to
     """A short dev-style text-to-image run (model-space latent) with fixed noise and conditioning."""
     sigmas = get_sigmas(steps, calculate_mu(image_seq_len(*LATENT_SHAPE[2:])))
     noise = make_noise(LATENT_SHAPE, seed)
-    x, _ = sample_flux(transformer, True, conditioning(), None, torch.zeros(LATENT_SHAPE), noise, sigmas,
+    x, _ = sample_node_path(transformer, True, conditioning(), None, torch.zeros(LATENT_SHAPE), noise, sigmas,
                        GuidanceCurve.constant(3.5), compute_dtype)
     return x
 

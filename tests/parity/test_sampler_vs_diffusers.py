@@ -5,8 +5,9 @@ import torch
 
 from devtools.tiny_models import write_flux
 from fluxworks.flux_models.transformer import load_flux_transformer
-from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas
 from fluxworks.flux_sampler.latents import make_noise, to_vae_space, unpack
+from tests.node_path import sample_node_path
 from tests.parity.conftest import make_pipeline, rel_err
 
 H, W, STEPS, BATCH, SEED = 64, 48, 4, 2, 42
@@ -22,7 +23,7 @@ def diffusers_latent(pipe, embeds, pooled, guidance=3.5):
 def our_latent(model, config, embeds, pooled, guidance=3.5):
     mu = calculate_mu((H // 16) * (W // 16)) if config.guidance_embeds else None
     shape = (BATCH, 16, H // 8, W // 8)
-    x, _ = sample_flux(model, config.guidance_embeds, TextConditioning(embeds, pooled), None, torch.zeros(shape),
+    x, _ = sample_node_path(model, config.guidance_embeds, TextConditioning(embeds, pooled), None, torch.zeros(shape),
                        make_noise(shape, SEED), get_sigmas(STEPS, mu), GuidanceCurve.constant(guidance))
     return to_vae_space(x)
 

@@ -3,24 +3,31 @@
 import pytest
 import torch
 
-from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, get_sigmas, sample_flux
+from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, get_sigmas
 from fluxworks.flux_sampler.latents import make_noise
+from tests.node_path import sample_node_path
 from tests.parity.conftest import flux_scheduler, rel_err
 
 SHAPE, STEPS = (1, 16, 8, 8), 6
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a transformer and records the guidance and text length of every forward call."""
+class Recorder:
+    """Records the guidance and text length of every forward call of a transformer (a forward pre-hook, which the
+    sampler's prepared clone keeps), as a context manager that removes the hook on exit."""
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
+    def __init__(self, transformer):
+        self.transformer = transformer
         self.calls: list[tuple[float, int]] = []
 
-    def forward(self, **kwargs):
+    def _record(self, module, args, kwargs):
         self.calls.append((float(kwargs["guidance"][0]), kwargs["encoder_hidden_states"].shape[1]))
-        return self.inner(**kwargs)
+
+    def __enter__(self):
+        self.handle = self.transformer.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +38,16 @@ def conds():
 
 
 def run(model, curve, positive, negative=None):
-    return sample_flux(model, True, positive, negative, torch.zeros(SHAPE), make_noise(SHAPE, 9),
+    return sample_node_path(model, True, positive, negative, torch.zeros(SHAPE), make_noise(SHAPE, 9),
                        get_sigmas(STEPS, 0.8), curve)
 
 
 def test_per_step_guidance_equals_the_curve(transformers_by_variant, conds):
-    model = Recorder(transformers_by_variant["dev"])
+    model = transformers_by_variant["dev"]
     curve = GuidanceCurve(6.0, 1.5, "cosine", start_percent=0.2, end_percent=0.8)
-    _, denoiser = run(model, curve, conds[0])
-    assert [g for g, _ in model.calls] == pytest.approx(curve.values(STEPS), abs=1e-6)
+    with Recorder(model) as recorder:
+        _, denoiser = run(model, curve, conds[0])
+    assert [g for g, _ in recorder.calls] == pytest.approx(curve.values(STEPS), abs=1e-6)
     assert denoiser.guidance_history == curve.values(STEPS)
 
 
@@ -73,16 +81,16 @@ def test_scheduled_guidance_equals_a_manual_diffusers_loop(transformers_by_varia
 
 
 def test_true_cfg_evaluates_the_negative_only_inside_its_window(transformers_by_variant, conds):
-    model = Recorder(transformers_by_variant["dev"])
+    model = transformers_by_variant["dev"]
     curve = GuidanceCurve.constant(3.5)
     windowed = GuidanceCurve(3.5, 3.5, "constant", cfg_scale=4.0, cfg_start_percent=0.2, cfg_end_percent=0.6)
-    _, denoiser = run(model, windowed, *conds)
+    with Recorder(model) as recorder:
+        _, denoiser = run(model, windowed, *conds)
     inside = [windowed.cfg_active(i / (STEPS - 1)) for i in range(STEPS)]
     assert inside == [False, True, True, True, False, False]  # progress 0, .2, .4, .6, .8, 1
     assert denoiser.forward_calls == STEPS + sum(inside)
-    negative_calls = [length for _, length in model.calls if length == 7]
+    negative_calls = [length for _, length in recorder.calls if length == 7]
     assert len(negative_calls) == sum(inside)
-    model.calls.clear()
     _, plain = run(model, curve, *conds)  # cfg_scale 1: the negative is never evaluated
     assert plain.forward_calls == STEPS
 
@@ -108,6 +116,6 @@ def test_true_cfg_combines_velocities_like_diffusers(transformers_by_variant, co
     # FluxPipeline derives mu from the image size (64x64 -> 16 tokens); use the same shift here.
     from fluxworks.flux_sampler import calculate_mu
 
-    ours, _ = sample_flux(model, True, pos, neg, torch.zeros(SHAPE), make_noise(SHAPE, 9),
+    ours, _ = sample_node_path(model, True, pos, neg, torch.zeros(SHAPE), make_noise(SHAPE, 9),
                           get_sigmas(STEPS, calculate_mu(16)), full_window)
     assert rel_err(ours, unpack(ref, 8, 8)) <= 1e-4
