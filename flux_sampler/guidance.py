@@ -42,6 +42,10 @@ class GuidanceCurve:
     cfg_end_percent: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("start_value", "end_value", "cfg_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"guidance {name} is {value}; it must be a finite number (e.g. 3.5)")
         if self.shape not in CURVE_SHAPES:
             raise ValueError(f"guidance curve shape must be one of {CURVE_SHAPES}, got {self.shape!r}")
         for name in ("start_percent", "end_percent", "cfg_start_percent", "cfg_end_percent"):

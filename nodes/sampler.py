@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import comfy.latent_formats
 import comfy.model_management as mm
@@ -13,6 +14,7 @@ import torch
 
 from ..flux_sampler.guidance import GuidanceCurve
 from ..flux_sampler.latents import LATENT_CHANNELS, make_noise, to_model_space, to_vae_space
+from ..flux_sampler.memory import estimate_sampling_memory, gib
 from ..flux_sampler.sampling import TextConditioning
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
 from ..flux_speed.prepare import sample_prepared
@@ -56,6 +58,23 @@ def checked_latent(latent: dict) -> torch.Tensor:
     return samples
 
 
+def check_memory(flux, samples: torch.Tensor, pos: TextConditioning, neg: TextConditioning | None,
+                 device: torch.device) -> None:
+    """Refuse, before sampling allocates anything, a size or batch whose activations cannot fit in what is free on
+    `device` once the model is loaded (see flux_sampler/memory.py for the estimate)."""
+    batch, _, h, w = samples.shape
+    text = max(pos.embeds.shape[1], neg.embeds.shape[1] if neg is not None else 0)
+    width = flux.config.num_attention_heads * flux.config.attention_head_dim
+    need = estimate_sampling_memory(batch, h, w, text, width, torch.finfo(flux.compute_dtype).bits // 8)
+    free = mm.get_free_memory(device)
+    if need.total > free:
+        raise MemoryError(
+            f"FluxWorksSampler: {w * 8}x{h * 8} at batch {batch} ({need.tokens} tokens per image) needs about "
+            f"{gib(need.total)} for sampling beyond the model's weights, but only {gib(free)} is free on {device}: "
+            "lower width/height or batch_size (FLUX.1 is made for up to about 2 megapixels, e.g. 1024x1024), or "
+            "free memory by closing other programs")
+
+
 class FluxWorksSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -91,6 +110,10 @@ class FluxWorksSampler:
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSampler")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        for name, value in (("guidance", guidance), ("shift", shift), ("denoise", denoise)):
+            if not math.isfinite(value):
+                raise ValueError(f"FluxWorksSampler: {name} is {value}; it must be a finite number "
+                                 f"(e.g. guidance 3.5, shift 0 = auto, denoise 1.0)")
         if denoise <= 0:
             raise ValueError("denoise is 0: nothing to sample (use a value in (0, 1])")
         samples = checked_latent(latent_image)
@@ -101,6 +124,10 @@ class FluxWorksSampler:
         curve = guidance_schedule if guidance_schedule is not None else GuidanceCurve.constant(guidance)
         if neg is not None and curve.cfg_scale == 1.0:
             logger.info("FluxWorksSampler: negative prompt connected but cfg_scale is 1; it is not evaluated")
+        if neg is None and curve.cfg_scale != 1.0:  # diffusers' FluxPipeline also disables true CFG here, with a warning
+            logger.warning("FluxWorksSampler: the guidance schedule asks for true CFG (cfg_scale %s) but no negative "
+                           "prompt is connected, so true CFG is off; connect a negative CONDITIONING (an empty "
+                           "prompt works) to use it", curve.cfg_scale)
         if shift > 0:
             mu = shift_to_mu(shift)
         elif flux.config.guidance_embeds:
@@ -118,10 +145,11 @@ class FluxWorksSampler:
             else:
                 device = controls.load_models(patcher)
             stack, concat_latent = controls.on_device(device, flux.config)
+            check_memory(flux, samples, pos, neg, device)
             callback = self._progress(device, steps)
             x, _, prepared = sample_prepared(
-                flux.transformer, options, device, flux.compute_dtype, interrupt=mm.throw_exception_if_processing_interrupted,
-                guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
+                flux.transformer, options, device, flux.compute_dtype,
+                interrupt=mm.throw_exception_if_processing_interrupted, guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
                 latent=to_model_space(samples.to(torch.float32)).to(device), noise=noise.to(device),
                 sigmas=sigmas.to(device), curve=curve, callback=callback, controls=stack, concat_latent=concat_latent)
         if prepared.cache is not None:

@@ -64,3 +64,10 @@ def test_progress_from_sigma_recovers_the_step_of_a_host_schedule():
     for i in range(6):
         assert progress_from_sigma(sigmas, sigmas[i:i + 1]) == pytest.approx(step_progress(i, 6))
     assert progress_from_sigma(sigmas, torch.tensor([float(sigmas[2]) * 1000 / 1000])) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("field", ["start_value", "end_value", "cfg_scale", "start_percent", "cfg_end_percent"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_naming_the_field(field, bad):
+    with pytest.raises(ValueError, match=field):
+        GuidanceCurve(**{field: bad})

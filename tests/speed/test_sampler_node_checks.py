@@ -1,0 +1,46 @@
+"""FluxWorks Sampler refuses what it cannot run before allocating anything: non-finite numbers, and sizes whose
+activations cannot fit in free memory (an in-process ComfyUI host on the CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fluxworks.flux_sampler.memory import estimate_sampling_memory
+from tests.lora.conftest import flux, pack  # noqa: F401 - the shared in-process host and tiny model fixtures
+from tests.lora.lora_helpers import conditioning, make_patcher
+
+
+def run(fluxworks, patcher, latent, **kwargs):
+    text = conditioning()
+    settings = dict(seed=3, steps=2, guidance=3.5, shift=0.0, denoise=1.0) | kwargs
+    return fluxworks.nodes.sampler.FluxWorksSampler().sample(
+        patcher, [[text.embeds, {"pooled_output": text.pooled}]], {"samples": latent}, **settings)
+
+
+@pytest.mark.parametrize("name", ["guidance", "shift", "denoise"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_settings_are_refused_by_name(pack, flux, name, bad):  # noqa: F811
+    with pytest.raises(ValueError, match=f"{name} is"):
+        run(pack, make_patcher(pack, flux), torch.zeros(1, 16, 8, 8), **{name: bad})
+
+
+def test_an_impossible_size_is_refused_before_sampling(pack, flux, monkeypatch):  # noqa: F811
+    """16384x16384 (the issue's case): refused with the estimate and the fix, before the first transformer call."""
+    calls = []
+    monkeypatch.setattr(type(flux), "forward", lambda *a, **k: calls.append(1))
+    latent = torch.zeros(1, 16, 2048, 2048)
+    with pytest.raises(MemoryError, match=r"16384x16384 at batch 1 .* needs about .* GiB .*lower width/height"):
+        run(pack, make_patcher(pack, flux), latent)
+    assert not calls
+
+
+def test_the_estimate_grows_with_tokens_batch_and_width():
+    base = estimate_sampling_memory(1, 128, 128, 512, 3072, 2)
+    assert base.tokens == 64 * 64 + 512
+    assert estimate_sampling_memory(2, 128, 128, 512, 3072, 2).total > 1.9 * base.total
+    assert estimate_sampling_memory(1, 256, 256, 512, 3072, 2).total > 3.5 * base.total
+    # The 12B model at 1024x1024 in bf16 peaked 0.5 GiB above its weights (H200): the estimate covers that.
+    assert 0.5 * 1024**3 < base.total < 2 * 1024**3
