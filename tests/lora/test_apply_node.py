@@ -168,6 +168,15 @@ def test_switch_vram_is_optional_and_checked(pack, flux, loras):
             apply(pack, make_patcher(pack, flux), [], switch_vram=bad)
 
 
+def test_a_flux_model_outside_a_fluxworks_patcher_is_refused_by_name(pack, flux, loras):
+    import comfy.model_patcher
+
+    holder = make_patcher(pack, flux).model
+    plain = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(TypeError, match="patcher is a ModelPatcher, not the FastSwitchPatcher"):
+        apply(pack, plain, [(sorted(loras)[0], 1.0, 1.0)])
+
+
 @pytest.fixture(scope="module")
 def flux_file(tmp_path_factory, flux):
     from devtools.tiny_models import write_flux
