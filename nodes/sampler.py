@@ -84,7 +84,7 @@ class FluxWorksSampler:
                 "positive": ("CONDITIONING",),
                 "latent_image": ("LATENT",),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-                "steps": ("INT", {"default": 20, "min": 0, "max": 10000,
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
                                   "tooltip": "dev: 20-50, schnell: 4."}),
                 "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
                                        "tooltip": "Distilled guidance (dev); replaced by a connected schedule."}),
