@@ -10,6 +10,19 @@ from . import host
 logger = logging.getLogger(__name__)
 
 T5_LENGTHS = ("512", "256", "128")
+# Shown to users because the embedded demo model follows only the caption grammar of training/shapes.py
+# (Scene.caption); prompts outside it give shapeless colour fields, which looks like a broken pack.
+EMBEDDED_GRAMMAR = (
+    "The embedded demo model (flux1-shapes-tiny.safetensors) only understands the captions it was trained on: "
+    "1-3 object phrases joined by \", \" and \" and \", then \", on a <colour> background\". "
+    "An object phrase is \"a/an [small|large] <colour> <shape> <position>\" (no size word = medium). "
+    "Colours: red, orange, yellow, green, blue, purple, white, black (each colour once per prompt). "
+    "Shapes: circle, square, triangle, star. Positions: at the top left, at the top, at the top right, "
+    "on the left, in the center, on the right, at the bottom left, at the bottom, at the bottom right "
+    "(each once). Examples: \"a large orange circle in the center, on a purple background\"; "
+    "\"a small red star at the top left and a blue square on the right, on a yellow background\". "
+    "Use max_sequence_length 128, about 12 steps and guidance 2 with it."
+)
 
 
 class FluxWorksTextEncode:
@@ -19,7 +32,8 @@ class FluxWorksTextEncode:
             "required": {
                 "text_encoder": (host.FLUX_TEXT_ENCODER,),
                 "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                      "tooltip": "Read by T5-XXL (and by CLIP-L when clip_prompt is empty)."}),
+                                      "tooltip": "Read by T5-XXL (and by CLIP-L when clip_prompt is empty). "
+                                                 + EMBEDDED_GRAMMAR}),
                 "clip_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                            "tooltip": "Optional separate prompt for CLIP-L (77 tokens)."}),
                 "max_sequence_length": (list(T5_LENGTHS), {
@@ -31,7 +45,8 @@ class FluxWorksTextEncode:
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
     CATEGORY = host.CATEGORY
-    DESCRIPTION = "Encodes a prompt with T5-XXL + CLIP-L; longer prompts are truncated with a warning."
+    DESCRIPTION = ("Encodes a prompt with T5-XXL + CLIP-L; longer prompts are truncated with a warning. "
+                   + EMBEDDED_GRAMMAR)
 
     def encode(self, text_encoder, prompt: str, clip_prompt: str, max_sequence_length: str):
         te = host.expect(text_encoder, host.FLUX_TEXT_ENCODER, "FluxWorksTextEncode")
