@@ -151,7 +151,7 @@ EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 
 def register_embedded_model() -> None:
     """List the embedded tiny model's files (embedded_model/<folder>/) next to the user's own models."""
-    for kind in ("diffusion_models", "text_encoders", "vae"):
+    for kind in ("diffusion_models", "text_encoders", "vae", "loras", "controlnet"):
         path = os.path.join(EMBEDDED_MODEL_DIR, kind)
         if os.path.isdir(path) and path not in folder_paths.get_folder_paths(kind):
             folder_paths.add_model_folder_path(kind, path)
