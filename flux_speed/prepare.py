@@ -167,7 +167,8 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
         return PreparedTransformer(transformer, options)
     model = clone_structure(transformer)
     backend = best_attention_backend(device) if options.attention == "auto" else _BACKENDS[options.attention]
-    set_attention_backend(model, backend)
+    if backend != "native" or options.attention != "auto":  # "native" is diffusers' own default: nothing to set
+        set_attention_backend(model, backend)
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
             quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling,
