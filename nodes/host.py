@@ -62,6 +62,7 @@ from ..flux_speed.prepare import transformer_blocks
 
 logger = logging.getLogger(__name__)
 
+CHECKED_COMFYUI_VERSIONS = ("0.3.75",)  # the versions this module's internals were checked against (see above)
 FLUX_MODEL = "FLUX_MODEL"
 FLUX_TEXT_ENCODER = "FLUX_TEXT_ENCODER"
 FLUX_GUIDANCE = "FLUX_GUIDANCE"
@@ -90,6 +91,11 @@ def model_devices() -> tuple[torch.device, torch.device]:
 def text_encoder_devices() -> tuple[torch.device, torch.device]:
     """(load, offload) devices for text encoders, as core's CLIPLoader picks them."""
     return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes the device can still give (its free memory plus what torch's cache holds unused), as core counts it."""
+    return int(mm.get_free_memory(device))
 
 
 def intermediate_device() -> torch.device:
