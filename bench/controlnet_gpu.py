@@ -1,5 +1,6 @@
-"""Per-step cost of 0, 1 and 2 Flux ControlNets: FluxWorks (diffusers modules driven by flux_sampler and
-flux_controlnet) next to ComfyUI core (ControlNetApplyAdvanced + comfy.sample), same weights, same run.
+"""Per-step cost of 0, 1 and 2 Flux ControlNets: FluxWorks (the FluxWorks Sampler's path, `sample_prepared` with the
+options a FLUX_MODEL carries without a Speed node, and flux_controlnet's ControlStack) next to ComfyUI core
+(ControlNetApplyAdvanced + comfy.sample), same weights, same run.
 
 Models: a full-size FLUX.1-dev transformer (19 double + 38 single blocks, width 3072) and ControlNets shaped
 like InstantX Canny (5 double + 10 single blocks) and Shakker Union-Pro (6 double blocks, 10 union modes, used
@@ -7,12 +8,18 @@ in depth mode), random weights initialised on the GPU in bf16. Core gets the sam
 loaders (`comfy.sd.load_diffusion_model_state_dict`, `comfy.controlnet.load_controlnet_state_dict`).
 
 Per-step cost = (time of a `--steps` run - time of a 2-step run) / (steps - 2): fixed per-run work (control
-image VAE encoding, model loading checks) cancels out. `--tiny` runs 1 + 1 blocks on the CPU (fp32, 32 px, 3 steps) to check
-the script; core's loaders assume 24 heads of 128, so even the tiny models are 3072 wide.
+image VAE encoding, model loading checks, the sampler's per-run `prepare`) cancels out; the first of the three runs
+warms up (on a GPU the default options compile the blocks). Both sides run under torch.inference_mode, as ComfyUI
+runs nodes. `--tiny` runs 1 + 1 blocks on the CPU (fp32, 32 px, 3 steps) to check the script; core's loaders
+assume 24 heads of 128, so even the tiny models are 3072 wide.
 
-Usage, from the repository root with ComfyUI's source on the path (not importable as `nodes`, which is ours):
-    PYTHONPATH=/path/to/ComfyUI python -m bench.controlnet_gpu [--tiny] [--steps 20] [--res 1024]
-Prints one JSON line per finished measurement and writes $OUT/controlnet_bench.json when OUT is set.
+Usage (repo root; ComfyUI and the package `fluxworks` come from PYTHONPATH, nothing edits sys.path):
+  here:  PYTHONPATH=.comfyui .venv/bin/python bench/controlnet_gpu.py --tiny --comfy .comfyui
+  GPU:   mkdir -p /tmp/pk && ln -sfn $PWD /tmp/pk/fluxworks && \\
+         PYTHONPATH=/tmp/pk:/tmp/site:$PWD/.comfy python3 bench/controlnet_gpu.py --comfy .comfy [--steps 20] [--res 1024]
+Run it by its path: with the repository root on sys.path (`python -m bench.controlnet_gpu`) our `nodes` package
+would hide core's nodes.py. Prints one JSON line per finished measurement and writes $OUT/controlnet_bench.json
+when OUT is set.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import gc
 import importlib.util
 import json
 import os
+import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -103,29 +112,37 @@ def build_models(sizes: dict, device: torch.device, dtype: torch.dtype):
     return transformer, nets, vae
 
 
-def load_core(device: torch.device):
-    """ComfyUI's modules (model management told to use the CPU when there is no GPU)."""
-    import comfy.cli_args
+def load_core(comfy_dir: str | None, device: torch.device):
+    """ComfyUI as a library, set up as its launcher does: its argument parser reads sys.argv (--cpu for the CPU)
+    when comfy.model_management is first imported, which importing anything under `fluxworks` does; so this runs
+    before any of those imports. Checks that the ComfyUI on PYTHONPATH is `comfy_dir` (default: whichever it is)
+    and that `import nodes` finds its nodes.py."""
+    spec = importlib.util.find_spec("comfy")
+    if spec is None or spec.submodule_search_locations is None:
+        raise SystemExit(f"ComfyUI is not importable: put its folder on PYTHONPATH (PYTHONPATH={comfy_dir or '...'})")
+    found = os.path.dirname(os.path.realpath(list(spec.submodule_search_locations)[0]))
+    sys.argv = [sys.argv[0]] + (["--cpu"] if device.type == "cpu" else [])
+    import comfy.options
 
-    if device.type == "cpu":
-        comfy.cli_args.args.cpu = True
+    comfy.options.enable_args_parsing()
     import comfy.controlnet
     import comfy.model_management
     import comfy.sample
     import comfy.sd
 
+    from fluxworks.bench.report import check_comfy
+
+    check_comfy(comfy_dir or found)
     return comfy
 
 
-def core_apply_controlnet(comfy, comfy_dir: str | None):
-    """(apply function, what it is): core's ControlNetApplyAdvanced from its nodes.py, loaded from the file
-    (our package `nodes` shadows the name). nodes.py needs PyAV; without it, the same ControlNet API calls
-    the node makes (`copy().set_cond_hint(...)`, `set_previous_controlnet`) stand in, and the result says so."""
-    root = comfy_dir or os.path.dirname(os.path.dirname(os.path.abspath(comfy.sd.__file__)))
+def core_apply_controlnet(comfy):
+    """(apply function, what it is): core's ControlNetApplyAdvanced from its nodes.py (`load_core` checked that
+    `nodes` is core's). nodes.py needs PyAV; without it, the same ControlNet API calls the node makes
+    (`copy().set_cond_hint(...)`, `set_previous_controlnet`) stand in, and the result says so."""
     try:
-        spec = importlib.util.spec_from_file_location("comfyui_core_nodes", os.path.join(root, "nodes.py"))
-        core_nodes = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(core_nodes)
+        import nodes as core_nodes
+
         return core_nodes.ControlNetApplyAdvanced().apply_controlnet, "nodes.ControlNetApplyAdvanced"
     except ImportError as exc:
         reason = f"comfy.controlnet calls as in ControlNetApplyAdvanced (nodes.py not importable: {exc})"
@@ -147,14 +164,20 @@ def core_apply_controlnet(comfy, comfy_dir: str | None):
     return apply, reason
 
 
-def time_fluxworks(results: dict, report, clock: Clock, transformer, nets, core_vae, inputs: dict) -> None:
-    """Our sampler with the controls as FluxWorksSampler builds them (control images VAE-encoded per run)."""
+def time_fluxworks(results: dict, report, clock: Clock, comfy, transformer, nets, core_vae, inputs: dict) -> None:
+    """Our sampler with the controls as FluxWorksSampler builds them (control images VAE-encoded per run), run as
+    the node runs it: `sample_prepared` with the options of a model without a Speed node on this device and
+    ComfyUI's interrupt check."""
     from fluxworks.flux_controlnet import ControlStack, ControlUnit
-    from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas, sample_flux
+    from fluxworks.flux_sampler import GuidanceCurve, TextConditioning, calculate_mu, get_sigmas
     from fluxworks.flux_sampler.latents import pack, to_model_space
+    from fluxworks.flux_speed.prepare import SpeedOptions, sample_prepared
 
     device, dtype, res = inputs["device"], inputs["dtype"], inputs["res"]
     prompt = TextConditioning(inputs["embeds"], inputs["pooled"])
+    options = SpeedOptions.defaults_for(device)
+    results["fluxworks_options"] = asdict(options)
+    interrupt = comfy.model_management.throw_exception_if_processing_interrupted
 
     def ours(count: int):
         def run(n_steps: int) -> None:
@@ -164,9 +187,9 @@ def time_fluxworks(results: dict, report, clock: Clock, transformer, nets, core_
                 units.append(ControlUnit(net, cond, strength=0.7, mode=mode))
             sigmas = get_sigmas(n_steps, calculate_mu((res // 16) ** 2)).to(device)
             stack = ControlStack(units, transformer.config) if units else None
-            with torch.no_grad():
-                sample_flux(transformer, True, prompt, None, torch.zeros(inputs["latent_shape"], device=device),
-                            inputs["noise"], sigmas, GuidanceCurve.constant(3.5), dtype, controls=stack)
+            sample_prepared(transformer, options, device, dtype, interrupt=interrupt, guidance_embeds=True,
+                            positive=prompt, negative=None, latent=torch.zeros(inputs["latent_shape"], device=device),
+                            noise=inputs["noise"], sigmas=sigmas, curve=GuidanceCurve.constant(3.5), controls=stack)
         return run
 
     for count in (0, 1, 2):
@@ -203,11 +226,17 @@ def time_core(results: dict, report, clock: Clock, comfy, apply, state: dict, ne
 
 
 def main() -> None:
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        run()
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="1 + 1 blocks on the CPU, to check the script")
     parser.add_argument("--steps", type=int, default=None, help="default 20 (GPU) / 3 (--tiny)")
     parser.add_argument("--res", type=int, default=None, help="square image size; default 1024 (GPU) / 32 (--tiny)")
-    parser.add_argument("--comfy", default=None, help="ComfyUI folder (default: the one on PYTHONPATH)")
+    parser.add_argument("--comfy", default=None, help="ComfyUI folder; must be the one on PYTHONPATH (default: "
+                        "whichever is)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -223,10 +252,10 @@ def main() -> None:
     def report() -> None:
         print(json.dumps(results), flush=True)  # noqa: T201 - the JSON on stdout is this script's output
 
+    comfy = load_core(args.comfy, device)
     from fluxworks.flux_sampler.latents import make_noise
 
-    comfy = load_core(device)
-    apply, results["core_apply"] = core_apply_controlnet(comfy, args.comfy)
+    apply, results["core_apply"] = core_apply_controlnet(comfy)
     start = time.perf_counter()
     transformer, nets, vae = build_models(sizes, device, dtype)
     clock.sync()
@@ -246,7 +275,7 @@ def main() -> None:
     core_vae = comfy.sd.VAE(sd={k: v.detach().to("cpu", torch.float32) for k, v in vae.state_dict().items()})
     del vae
 
-    time_fluxworks(results, report, clock, transformer, nets, core_vae, inputs)
+    time_fluxworks(results, report, clock, comfy, transformer, nets, core_vae, inputs)
     state = {k: v.to("cpu") for k, v in transformer.state_dict().items()}
     net_states = [{k: v.to("cpu") for k, v in n.model.state_dict().items()} for n in nets]
     del transformer, nets  # free the GPU: core's memory manager would otherwise see it taken
