@@ -7,10 +7,18 @@ LoRAs: random rank-16 (default) diffusers-format files on every attention and ML
 add_q/k/v_proj, to_add_out, ff, ff_context; single blocks to_q/k/v, proj_mlp, proj_out).
 
 A switch is timed from "the new stack is applied" to "the model is ready to sample": the apply step (reading
-files, mapping keys; LoRA files are read once and cached by both) plus loading the patched model (merging).
+files, mapping keys; LoRA files are read once and cached by both) plus loading the patched model (merging). Each
+switch also records the peak GPU memory it reached (allocator peak, reset before the switch).
 
-Usage (repo root): PYTHONPATH=. python bench/lora_gpu.py [--tiny] [--steps 8] [--res 1024] [--rank 16]
-                   [--comfy .comfy] [--out DIR] [--sections ours,core] [--storages bf16,fp8_e4m3fn]
+fp8 storage is what FluxWorks' loader ships for `weight_dtype` fp8_e4m3fn on a bf16 file (flux_models: the
+transformer built in the compute dtype, then `fp8_storage.keep_linear_weights_in`); core's is UNETLoader's
+fp8_e4m3fn (`model_options` dtype).
+
+Usage (repo root; ComfyUI and the package `fluxworks` come from PYTHONPATH, nothing edits sys.path):
+  here:  PYTHONPATH=.comfyui .venv/bin/python bench/lora_gpu.py --tiny --comfy .comfyui
+  GPU:   mkdir -p /tmp/pk && ln -sfn $PWD /tmp/pk/fluxworks && \\
+         PYTHONPATH=/tmp/pk:/tmp/site:$PWD/.comfy python3 bench/lora_gpu.py --comfy .comfy
+         [--steps 8] [--res 1024] [--rank 16] [--out DIR] [--sections ours,core] [--storages bf16,fp8_e4m3fn]
 --tiny runs a 1-double-block model (24 heads, as core's loader requires) on the CPU to check the script.
 Prints one JSON line per finished section; the last line is the whole summary (also written to DIR/lora_gpu.json).
 """
@@ -27,10 +35,6 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from bench.report import sync as device_sync
-from bench.report import write_report
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
 ap.add_argument("--tiny", action="store_true")
 ap.add_argument("--steps", type=int, default=8)
@@ -48,10 +52,13 @@ COMPUTE = torch.bfloat16 if DEV == "cuda" else torch.float32
 R: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
            "res": args.res, "steps": args.steps, "rank": args.rank, "date": time.strftime("%Y-%m-%d")}
 
-# ComfyUI as a library: its own argument parser, on the CPU for --tiny.
+# ComfyUI as a library: its own argument parser reads sys.argv (--cpu for --tiny) when comfy.model_management is
+# first imported, which importing anything under `fluxworks` does; so this comes first.
 sys.argv = [sys.argv[0]] + (["--cpu"] if DEV == "cpu" else [])
-sys.path.insert(0, os.path.abspath(args.comfy))
-import comfy.options  # noqa: E402
+try:
+    import comfy.options
+except ImportError as exc:
+    raise SystemExit(f"ComfyUI is not importable: put its folder on PYTHONPATH (PYTHONPATH={args.comfy})") from exc
 
 comfy.options.enable_args_parsing()
 import comfy.model_management as mm  # noqa: E402
@@ -60,11 +67,17 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
+from fluxworks.bench.report import check_comfy, write_report  # noqa: E402
+from fluxworks.bench.report import sync as device_sync  # noqa: E402
+from fluxworks.flux_models.dtypes import storage_and_compute  # noqa: E402
+from fluxworks.flux_models.fp8_storage import keep_linear_weights_in  # noqa: E402
 from fluxworks.flux_models.holders import FluxModel  # noqa: E402
 from fluxworks.flux_models.transformer import build_transformer, infer_config  # noqa: E402
 from fluxworks.nodes import host  # noqa: E402
 from fluxworks.nodes.lora import FluxWorksApplyLoraStack  # noqa: E402
 from fluxworks.nodes.sampler import FluxWorksSampler  # noqa: E402
+
+check_comfy(args.comfy)
 
 FLUX_CFG = dict(guidance_embeds=True)
 TXT, POOL, TXT_TOKENS = 4096, 768, 512
@@ -85,12 +98,24 @@ def sync() -> None:
     device_sync(DEV)
 
 
+def peak_gib() -> float | None:
+    return gib(torch.cuda.max_memory_allocated()) if DEV == "cuda" else None
+
+
+def new_peak_window(out: dict) -> None:
+    """Start measuring a switch's own peak; the window that ends is folded into the section's peak_gib."""
+    if DEV == "cuda":
+        out["peak_gib"] = max(out.get("peak_gib", 0.0), peak_gib())
+        torch.cuda.reset_peak_memory_stats()
+
+
 def record_switch(out: dict, switches: list, tag: str, times: tuple[float, float, float], model, sample) -> None:
-    """One switch to stack `tag` (times: before apply, after apply, model ready), then a prompt with it: timed
-    the first time a stack of that size is seen, else one step, so the next switch starts from this stack."""
+    """One switch to stack `tag` (times: before apply, after apply, model ready; the memory peak was reset before
+    the apply), then a prompt with it: timed the first time a stack of that size is seen, else one step, so the
+    next switch starts from this stack."""
     t0, t1, t2 = times
     switches.append({"to": tag, "apply_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
-                     "total_s": round(t2 - t0, 3)})
+                     "total_s": round(t2 - t0, 3), "peak_gib": peak_gib()})
     count = str(len(STACKS[tag]))
     if count not in out["ms_per_step"]:
         out["ms_per_step"][count] = round(sample(model, args.steps) / args.steps * 1000, 1)
@@ -166,11 +191,10 @@ def ours_section(state: dict, loras: list[str], storage: str) -> dict:
     out: dict = {}
     config = infer_config(state)
     transformer = build_transformer(dict(state), config, COMPUTE)
-    if storage != "bf16":
-        transformer.enable_layerwise_casting(storage_dtype=getattr(torch, storage.replace("fp8_", "float8_")),
-                                             compute_dtype=COMPUTE)
-    base = host.wrap_patcher(FluxModel(transformer, config, COMPUTE, "random"), mm.get_torch_device(),
-                             mm.unet_offload_device())
+    if storage != "bf16":  # FluxWorksModelLoader's weight_dtype choice on a bf16 file (load_flux_transformer)
+        stored, compute = storage_and_compute(storage, COMPUTE, COMPUTE)
+        out["fp8_storage_linears"] = keep_linear_weights_in(transformer, stored, compute)
+    base = host.wrap_patcher(FluxModel(transformer, config, COMPUTE, "random"), *host.model_devices())
     embeds, pooled = conditioning()
     positive = [[embeds, {"pooled_output": pooled}]]
     latent = {"samples": torch.zeros(1, 16, args.res // 8, args.res // 8)}
@@ -194,6 +218,7 @@ def ours_section(state: dict, loras: list[str], storage: str) -> dict:
     for tag in SEQUENCE:
         stack = [(loras[i], 1.0, 1.0) for i in STACKS[tag]]
         sync()
+        new_peak_window(out)
         t0 = time.perf_counter()
         patched = apply_node.apply(base, stack)["result"][0]
         t1 = time.perf_counter()
@@ -202,18 +227,19 @@ def ours_section(state: dict, loras: list[str], storage: str) -> dict:
         t2 = time.perf_counter()
         record_switch(out, switches, tag, (t0, t1, t2), patched, sample)
     sync()
+    new_peak_window(out)
     t0 = time.perf_counter()
     empty = apply_node.apply(base, [])["result"][0]
     host.load_on_device(empty)
     sync()
-    switches.append({"to": "no LoRA (empty stack)", "total_s": round(time.perf_counter() - t0, 3)})
+    switches.append({"to": "no LoRA (empty stack)", "total_s": round(time.perf_counter() - t0, 3),
+                     "peak_gib": peak_gib()})
     out["restored_exactly"] = bool(torch.equal(weight_bytes(to_q), original))
     on_device = sum(b.weight.numel() * b.weight.element_size() for b in base.backup.values()
                     if b.weight.device.type != "cpu")
     out["originals_kept_on_device_gib"] = gib(on_device)
     out["switches"] = switches
-    if DEV == "cuda":
-        out["peak_gib"] = gib(torch.cuda.max_memory_allocated())
+    new_peak_window(out)  # the section's peak_gib: over every window
     del base, empty, patched, transformer, to_q
     free()
     return out
@@ -248,6 +274,7 @@ def core_section(state: dict, loras: list[str], folder: str, storage: str) -> di
     switches = []
     for tag in SEQUENCE:
         sync()
+        new_peak_window(out)
         t0 = time.perf_counter()
         model = base
         for i in STACKS[tag]:
@@ -260,13 +287,14 @@ def core_section(state: dict, loras: list[str], folder: str, storage: str) -> di
         t2 = time.perf_counter()
         record_switch(out, switches, tag, (t0, t1, t2), model, sample)
     sync()
+    new_peak_window(out)
     t0 = time.perf_counter()
     mm.load_models_gpu([base])
     sync()
-    switches.append({"to": "no LoRA (base model)", "total_s": round(time.perf_counter() - t0, 3)})
+    switches.append({"to": "no LoRA (base model)", "total_s": round(time.perf_counter() - t0, 3),
+                     "peak_gib": peak_gib()})
     out["switches"] = switches
-    if DEV == "cuda":
-        out["peak_gib"] = gib(torch.cuda.max_memory_allocated())
+    new_peak_window(out)  # the section's peak_gib: over every window
     del base, model
     free()
     return out
@@ -280,6 +308,8 @@ def main() -> None:
     t = time.perf_counter()
     loras = write_loras(state, folder, 6)
     R["write_loras_s"] = round(time.perf_counter() - t, 1)
+    # FluxWorksApplyLoraStack runs with its default: originals kept on the GPU up to this fraction of the model
+    R["switch_vram"] = FluxWorksApplyLoraStack.INPUT_TYPES()["optional"]["switch_vram"][1]["default"]
     emit()
     sections = args.sections.split(",")
     for storage in args.storages.split(","):
@@ -297,7 +327,8 @@ def main() -> None:
                 free()
             emit()
     R["summary"] = {key: {"ms_per_step": value["ms_per_step"],
-                          "switch_s": [[s["to"], s["total_s"]] for s in value["switches"]]}
+                          "switch_s": [[s["to"], s["total_s"]] for s in value["switches"]],
+                          "switch_peak_gib": [s["peak_gib"] for s in value["switches"]]}
                     for key, value in R.items() if isinstance(value, dict) and "switches" in value}
     emit()
 
