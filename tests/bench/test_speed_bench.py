@@ -1,6 +1,7 @@
 """bench/speed_bench.py: its command line rejects bad input naming the fix, its helpers compute what the report
 says (fp8 block sizes, resident blocks under a cap, merged fp8 variants), its sampling loop is exactly the
-FluxWorks Sampler's `sample_prepared`, and (slow) the script runs end to end on the CPU."""
+FluxWorks Sampler's `sample_prepared`, and (slow) the script runs end to end on the CPU; bench/plot_speed.py reads
+its reports, old and new."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from fluxworks.bench import plot_speed
 from fluxworks.bench import speed_bench as sb
 from tests.lora.conftest import pack  # noqa: F401 - the shared in-process host fixture
 from tests.paths import REPO, comfyui_path
@@ -149,3 +151,13 @@ def test_tiny_run_end_to_end_on_the_cpu(tmp_path):
     assert report["ours_node_fp8_offload_cap8gib_options"]["offload_resident_blocks"] == 1
     assert report["ours_node_fp8_offload_cap8gib_rel_err_vs_bf16"] == 0.0  # offload streams, changes nothing
     assert report["no_speed_node_rows"] == ["ours_bf16_attn"]
+    labels = [label for label, _ in plot_speed.bars(report)]  # the keys the plot reads are the ones written
+    assert labels[0] == "FluxWorks eager bf16" and "FluxWorks Speed defaults + offload, 8 GiB cap" in labels
+    assert labels[-1] == f"FluxWorks bf16 + compile + cache t=0.65 ({row['steps_reused']}/4 reused)"
+
+
+def test_plot_reads_the_reports_written_before_the_port():
+    with open(os.path.join(REPO, "docs", "bench", "speed_h200_2026-11-26_final.json"), encoding="utf-8") as f:
+        bars = dict(plot_speed.bars(json.load(f)))
+    assert bars["ComfyUI core bf16 (plain comfy.sample)"] == 171.13 and bars["FluxWorks fp8 rowwise + compile"] == 104.78
+    assert bars["FluxWorks fp8 rowwise + compile + cache t=0.6 (17/28 reused)"] == 43.34
