@@ -25,6 +25,8 @@ no Speed node); the Step Cache node only when "cache" is given, with its default
 Per row: one warm-up run at the timed step count (it loads the model and compiles), then --repeats timed runs
 (ms/step = median run time / steps), peak GiB of the timed runs, the exact node settings, the final latent's
 relative error against fluxworks_no_speed, and the steps a step cache reused (read from the sampler's log line).
+The compiled cache rows reuse the TorchCompileModel output of core_fp8_fast_compile, as a workflow's cache node
+downstream of one TorchCompileModel does.
 --budget-s skips rows that would not finish in time, so one device command returns its report (default 480 s
 on a GPU: the device tool stops a command at 600 s). Estimated H200 time at 1024^2 / 28 steps / 2 repeats for
 every default row: about 7.5 min (weights 20 s, each eager row 20-30 s, FluxWorks compile rows 30-40 s, core's
@@ -36,8 +38,8 @@ Usage (repo root; ComfyUI and the package `fluxworks` come from PYTHONPATH, noth
          PYTHONPATH=/tmp/pk:/tmp/site:$PWD/.comfy python3 bench/node_bench.py --comfy .comfy
          [--steps 28] [--res 1024] [--seed 42] [--repeats 2] [--rows all] [--extra JSON] [--budget-s 480] [--out DIR]
 --tiny runs a 1+1-block model of width 3072 (24 heads: core's Flux loader assumes that width) on the CPU at 64x64,
-2 steps, skipping the rows that need a GPU, to check the script end to end. Prints one JSON line per finished row
-(the last one is the whole report, also written to DIR/node_bench.json), then a markdown table.
+2 steps, skipping the rows that need a GPU, to check the script end to end. Prints a line per finished row, then
+the whole report as one JSON line (DIR/node_bench.json, rewritten after every row) and a markdown table.
 """
 
 from __future__ import annotations
@@ -405,8 +407,9 @@ class NodeBench:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def emit(self) -> None:
-        self.write_report(self.report, os.path.join(self.args.out, "node_bench.json"))
+    def emit(self, final: bool = False) -> None:
+        """Rewrite the report file after every row (a run cut off keeps its rows); print it only at the end."""
+        self.write_report(self.report, os.path.join(self.args.out, "node_bench.json"), echo=final)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -573,7 +576,7 @@ class NodeBench:
 
             def body(spec=spec, row=row):
                 if spec.weight_dtype not in loaded:
-                    loaded.clear()  # one core model in memory at a time
+                    loaded.clear()  # one core model (and its compiled clone) in memory at a time
                     mm.unload_all_models()
                     self.free()
                     t = time.perf_counter()
@@ -584,8 +587,12 @@ class NodeBench:
                     loaded[spec.weight_dtype] = model
                     row["core_build_s"] = round(time.perf_counter() - t, 1)
                 model = loaded[spec.weight_dtype]
-                if spec.compile:
-                    model = TorchCompileModel.execute(model=model, **row["settings"]["TorchCompileModel"]).result[0]
+                if spec.compile:  # one TorchCompileModel output feeds the cache rows, as in a workflow
+                    key = spec.weight_dtype + "+TorchCompileModel"
+                    if key not in loaded:
+                        compile_kwargs = row["settings"]["TorchCompileModel"]
+                        loaded[key] = TorchCompileModel.execute(model=model, **compile_kwargs).result[0]
+                    model = loaded[key]
                 if spec.cache_node:
                     node = cache_nodes[spec.cache_node]
                     model = node.execute(model=model, **row["settings"][spec.cache_node]).result[0]
@@ -612,7 +619,7 @@ class NodeBench:
         best = add_ratios(self.report["rows"])
         self.report["core_best_mode"] = best
         self.report["total_s"] = round(self.elapsed(), 1)
-        self.emit()
+        self.emit(final=True)
         print(markdown_table(self.report["rows"], best), flush=True)  # noqa: T201
 
 

@@ -14,8 +14,10 @@ import os
 import torch
 
 
-def write_report(results: dict, path: str) -> None:
-    print(json.dumps(results), flush=True)  # noqa: T201 - a benchmark script reports on stdout
+def write_report(results: dict, path: str, echo: bool = True) -> None:
+    """Rewrite `path` with `results`; with `echo`, also print them as one JSON line."""
+    if echo:
+        print(json.dumps(results), flush=True)  # noqa: T201 - a benchmark script reports on stdout
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
 
