@@ -112,6 +112,12 @@ def test_markdown_table_names_shared_settings_once_and_every_row_or_why_not():
     assert "| UNETLoader(weight_dtype=fp8_e4m3fn_fast) | needs a GPU (TorchCompileModel) |" in table
 
 
+def test_a_row_starts_only_when_its_expected_end_is_within_the_budget():
+    assert nb.over_budget(400.0, 80.0, 480.0) is None
+    assert nb.over_budget(400.0, 85.0, 480.0) == "time budget: 400 s used + ~85 s expected > 480 s"
+    assert nb.over_budget(10_000.0, 85.0, None) is None
+
+
 def test_relative_error():
     reference = torch.tensor([3.0, 4.0])
     assert nb.rel_error(reference.clone(), reference) == 0.0
