@@ -133,8 +133,13 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
     """A new module tree with the same parameters and buffers (no tensor copies). Attention processors (backends
     are set on them) and torch's hook tables are the clone's own, so what is set or registered on the clone never
-    reaches the loaded model; hooks already on the loaded model are kept."""
+    reaches the loaded model; torch hooks already on the loaded model are kept, diffusers hook registries are not."""
     new = copy.copy(module)
+    # A hook registry (diffusers' `_diffusers_hook`, which also rebinds `forward` on the instance) belongs to the
+    # module it was made for: a shared one would put the clone's hooks on the loaded model. The clone starts bare.
+    if "_diffusers_hook" in module.__dict__:
+        del new._diffusers_hook
+        new.__dict__.pop("forward", None)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     for name in _HOOK_DICTS:

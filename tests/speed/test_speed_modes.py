@@ -226,3 +226,19 @@ def test_an_interrupt_is_honoured_inside_a_step(model, cond):
                         guidance_embeds=True, positive=cond, negative=None, latent=torch.zeros(SHAPE),
                         noise=make_noise(SHAPE, 4), sigmas=get_sigmas(STEPS, 0.9), curve=GuidanceCurve.constant(3.5))
     assert len(calls) == 2  # the second block of the first step, not the end of the step
+
+
+def test_a_loaded_model_with_a_diffusers_hook_registry_stays_clean(model, cond):
+    """Running diffusers' own pipeline on the loaded model gives it a hook registry; prepared clones must not share
+    it (their hooks would land on the loaded model and later clones would run the loaded model's forward)."""
+    from diffusers.hooks import HookRegistry
+
+    from fluxworks.flux_speed.prepare import prepare
+
+    bare = copy.deepcopy(model)
+    HookRegistry.check_if_exists_or_initialize(bare)
+    options = SpeedOptions(cache=StepCacheConfig(threshold=0.0))
+    first = prepare(bare, options, torch.device("cpu"), torch.float32)
+    assert bare._diffusers_hook.hooks == {}
+    assert first.model._diffusers_hook is not bare._diffusers_hook
+    assert torch.equal(sample(bare, cond, options=options), eager(model, cond))
