@@ -29,10 +29,11 @@ const CFG_COLOR = "rgba(240, 150, 40, 0.30)";
 const CFG_OFF_HATCH = "rgba(20, 20, 20, 0.55)";
 const AXIS_COLOR = "#888";
 const STEP_COLOR = "#d8eefa";
+const STEP_RING = 3.5; // radius of a step mark
 const LABEL_COLOR = "#aaa";
 const WARN_COLOR = "#f0b060";
 const ERROR_COLOR = "#ff7070";
-const MAX_STEP_DOTS_PER_PIXEL = 1 / 4; // one step dot per 4 px at most; beyond that only every k-th step
+const MAX_STEP_MARKS_PER_PIXEL = 1 / 8; // one step mark per 8 px at most; beyond that every k-th step
 const PERCENT_TICKS = [0, 0.25, 0.5, 0.75, 1];
 const GUIDANCE_NOTE = "Set by the connected guidance_schedule: this value is not used. Edit the curve on the "
   + "FluxWorks Guidance Schedule node, or disconnect it to use this value.";
@@ -246,16 +247,17 @@ function drawCfgWindow(ctx, curve, plot, px) {
 function drawStepMarks(ctx, curve, plot, px, py) {
   if (curve.steps === null) return;
   const progress = stepProgress(curve.steps);
-  const every = Math.max(1, Math.ceil(curve.steps / (plot.w * MAX_STEP_DOTS_PER_PIXEL)));
+  const every = Math.max(1, Math.ceil(curve.steps / (plot.w * MAX_STEP_MARKS_PER_PIXEL)));
   curve.stepMarks = [];
-  ctx.fillStyle = STEP_COLOR;
+  ctx.strokeStyle = STEP_COLOR;
+  ctx.lineWidth = 1.25;
   progress.forEach((p, i) => {
     if (i % every !== 0 && i !== curve.steps - 1) return;
     const v = valueAt(curve.settings, p);
     curve.stepMarks.push([p, v]);
     ctx.beginPath();
-    ctx.arc(px(p), py(v), 2, 0, 2 * Math.PI);
-    ctx.fill();
+    ctx.arc(px(p), py(v), STEP_RING, 0, 2 * Math.PI);
+    ctx.stroke();
   });
 }
 
@@ -315,6 +317,7 @@ function drawCurve(node, ctx) {
     ctx.setLineDash([]);
   }
   drawAxes(ctx, curve, plot, px, py);
+  drawStepMarks(ctx, curve, plot, px, py); // under the curve, which stays unbroken through each ring
   ctx.strokeStyle = CURVE_COLOR;
   ctx.lineWidth = 2;
   ctx.lineJoin = "round";
@@ -325,7 +328,6 @@ function drawCurve(node, ctx) {
     else ctx.lineTo(x, py(v));
   });
   ctx.stroke();
-  drawStepMarks(ctx, curve, plot, px, py);
   ctx.restore();
 }
 

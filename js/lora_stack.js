@@ -290,9 +290,9 @@ function rebuildRows(node, files) {
   if (files.names !== null && files.names.length === 0) {
     addNoteRow(node, "no LoRA files", "No LoRA files in models/loras: put .safetensors files there and press R "
       + "to refresh.", HINT_COLOR, () => refreshAll(files));
-  } else if (files.names === null) {
-    addNoteRow(node, "no LoRA list", `Could not list models/loras (${files.error ?? "not asked yet"}); press R `
-      + "to try again.", ERROR_COLOR, () => refreshAll(files));
+  } else if (files.names === null && files.error !== null) { // (before the first answer: nothing to say yet)
+    addNoteRow(node, "no LoRA list", `Could not list models/loras (${files.error}); press R to try again.`,
+      ERROR_COLOR, () => refreshAll(files));
   }
   rows.forEach((_row, i) => addRow(node, files, rows, i));
   const add = notSerialized(node.addWidget("button", "+ add LoRA", null, async () => {

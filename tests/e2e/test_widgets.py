@@ -396,8 +396,8 @@ def test_guidance_curve_has_axes_step_marks_and_says_when_true_cfg_is_off(page, 
         assert near(pixels, *css_point(page, SCHEDULE, plot["x"] + fraction * plot["w"], bottom), AXIS_RGB)
         assert near(pixels, *css_point(page, SCHEDULE, plot["x"], plot["y"] + fraction * plot["h"]), AXIS_RGB)
     to_y = lambda v: plot["y"] + plot["h"] - (v - lo) / (hi - lo) * plot["h"]  # noqa: E731
-    missing = [(p, v) for p, v in marks[::3]
-               if not near(pixels, *css_point(page, SCHEDULE, plot["x"] + p * plot["w"], to_y(v)), STEP_RGB, 1, 40)]
+    missing = [(p, v) for p, v in marks[::3]  # rings of radius 3.5 around each step's point
+               if not near(pixels, *css_point(page, SCHEDULE, plot["x"] + p * plot["w"], to_y(v)), STEP_RGB, 4, 40)]
     assert not missing, f"step marks not drawn at (progress, value) {missing}"
     node_screenshot(page, [SCHEDULE, SAMPLER], os.path.join(DOCS_IMG, "sampler_with_schedule.png"))
 
