@@ -10,6 +10,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
+# Metadata key of a transformer file naming the VAE whose latent space it was trained in, for live previews: a
+# file name in ComfyUI's `vae` folders, in TAESD layout (`taesd_decoder.*`). Set on the embedded model (its tiny
+# VAE has other colours than FLUX.1's, so core's Flux preview map shows wrong ones); real FLUX.1 files have none.
+PREVIEW_VAE_KEY = "fluxworks.preview_vae"
 
 
 def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -65,3 +69,11 @@ def resolve_diffusers_transformer_folder(folder: str) -> str:
     ):
         return os.path.join(folder, "transformer")
     return folder
+
+
+def preview_vae_name(path: str) -> str | None:
+    """The VAE file name a single-file transformer names for previews (`PREVIEW_VAE_KEY`), or None."""
+    if not os.path.isfile(path) or not path.endswith(WEIGHT_SUFFIXES):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get(PREVIEW_VAE_KEY)

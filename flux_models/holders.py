@@ -11,12 +11,13 @@ class FluxModel(torch.nn.Module):
     """A diffusers FLUX.1 transformer plus what the sampler needs to know about it."""
 
     def __init__(self, transformer: torch.nn.Module, config: FluxConfig, compute_dtype: torch.dtype,
-                 source: str) -> None:
+                 source: str, preview_vae: str | None = None) -> None:
         super().__init__()
         self.transformer = transformer
         self.config = config
         self.compute_dtype = compute_dtype
         self.source = source
+        self.preview_vae = preview_vae  # VAE file for previews of a non-FLUX.1 latent space (files.PREVIEW_VAE_KEY)
         self.device = torch.device("cpu")  # ModelPatcher keeps this attribute up to date
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import folder_paths
 
 from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES, storage_and_compute
+from ..flux_models.files import preview_vae_name
 from ..flux_models.holders import FluxModel, FluxTextEncoder
 from ..flux_models.text_encoders import Tokenizers, load_clip_l, load_t5
 from ..flux_models.transformer import load_flux_transformer
@@ -39,7 +40,7 @@ class FluxWorksModelLoader:
         transformer, config, compute = load_flux_transformer(
             path, weight_dtype, host.default_compute_dtype(load_device)
         )
-        model = FluxModel(transformer, config, compute, path)
+        model = FluxModel(transformer, config, compute, path, preview_vae_name(path))
         return (host.wrap_patcher(model, load_device, offload_device),)
 
 

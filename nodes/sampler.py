@@ -6,10 +6,6 @@ import contextlib
 import logging
 import math
 
-import comfy.latent_formats
-import comfy.model_management as mm
-import comfy.utils
-import latent_preview
 import torch
 
 from ..flux_sampler.guidance import GuidanceCurve
@@ -66,7 +62,7 @@ def check_memory(flux, samples: torch.Tensor, pos: TextConditioning, neg: TextCo
     text = max(pos.embeds.shape[1], neg.embeds.shape[1] if neg is not None else 0)
     width = flux.config.num_attention_heads * flux.config.attention_head_dim
     need = estimate_sampling_memory(batch, h, w, text, width, torch.finfo(flux.compute_dtype).bits // 8)
-    free = mm.get_free_memory(device)
+    free = host.free_device_memory(device)
     if need.total > free:
         raise MemoryError(
             f"FluxWorksSampler: {w * 8}x{h * 8} at batch {batch} ({need.tokens} tokens per image) needs about "
@@ -146,10 +142,10 @@ class FluxWorksSampler:
                 device = controls.load_models(patcher)
             stack, concat_latent = controls.on_device(device, flux.config)
             check_memory(flux, samples, pos, neg, device)
-            callback = self._progress(device, steps)
+            callback = host.step_callback(device, steps, flux.preview_vae)
             x, _, prepared = sample_prepared(
                 flux.transformer, options, device, flux.compute_dtype,
-                interrupt=mm.throw_exception_if_processing_interrupted, guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
+                interrupt=host.check_interrupt, guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
                 latent=to_model_space(samples.to(torch.float32)).to(device), noise=noise.to(device),
                 sigmas=sigmas.to(device), curve=curve, callback=callback, controls=stack, concat_latent=concat_latent)
         if prepared.cache is not None:
@@ -157,21 +153,8 @@ class FluxWorksSampler:
                         "(steps %s)", prepared.cache.hits, prepared.cache.hits + prepared.cache.misses,
                         prepared.cache.reused_steps)
         out = dict(latent_image)
-        out["samples"] = to_vae_space(x).to(mm.intermediate_device())
+        out["samples"] = to_vae_space(x).to(host.intermediate_device())
         return (out,)
-
-    @staticmethod
-    def _progress(device: torch.device, steps: int):
-        """Per-step progress with latent previews; the progress hook is also ComfyUI's interrupt check."""
-        pbar = comfy.utils.ProgressBar(steps)
-        previewer = latent_preview.get_previewer(device, comfy.latent_formats.Flux())
-
-        def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-            preview = previewer.decode_latent_to_preview_image("JPEG", denoised) if previewer else None
-            pbar.update_absolute(step + 1, total, preview)
-            mm.throw_exception_if_processing_interrupted()
-
-        return callback
 
 
 NODE_CLASS_MAPPINGS = {"FluxWorksSampler": FluxWorksSampler}

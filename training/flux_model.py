@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from devtools.tiny_models import diffusers_to_bfl
+from fluxworks.flux_models.files import PREVIEW_VAE_KEY
 from fluxworks.flux_sampler.latents import make_img_ids, pack, unpack
 
 from .text_encoders import CLIP_WIDTH, T5_WIDTH
@@ -51,9 +52,12 @@ def velocity(model, x: torch.Tensor, sigma: torch.Tensor, txt: torch.Tensor, poo
     return unpack(out, h, w)
 
 
-def export_flux(model, path: str, dtype: torch.dtype = torch.float16) -> str:
-    """BFL single-file layout (`double_blocks.*`, `single_blocks.*`, `img_in`, ...) as flux1-dev ships."""
+def export_flux(model, path: str, dtype: torch.dtype = torch.float16, preview_vae: str | None = None) -> str:
+    """BFL single-file layout (`double_blocks.*`, `single_blocks.*`, `img_in`, ...) as flux1-dev ships;
+    `preview_vae` names the VAE file whose latent space the model was trained in, for the sampler's live previews
+    (metadata `PREVIEW_VAE_KEY`)."""
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in diffusers_to_bfl(state).items()}, path)
+    metadata = {PREVIEW_VAE_KEY: preview_vae} if preview_vae else None
+    save_file({k: v.contiguous() for k, v in diffusers_to_bfl(state).items()}, path, metadata=metadata)
     return path

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save_stage1(ema: EMA) -> None:
         flux_avg, t5_avg, clip_avg = ema.copies()
-        export_flux(flux_avg, paths["transformer"])
+        export_flux(flux_avg, paths["transformer"], preview_vae=os.path.basename(paths["vae"]))
         export_text_encoders(t5_avg, clip_avg, args.out, FILES["t5"], FILES["clip_l"])
 
     distill = args.distill_steps > 0
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("no guidance distillation (--distill-steps 0): the exported transformer is the flow model")
 
     def save_stage2(student_ema: EMA) -> None:
-        export_flux(student_ema.copies()[0], paths["transformer"])
+        export_flux(student_ema.copies()[0], paths["transformer"], preview_vae=os.path.basename(paths["vae"]))
 
     if distill:
         distill_plan = Schedule(args.distill_steps, args.flow_batch, args.distill_lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,30 @@ def test_the_estimate_grows_with_tokens_batch_and_width():
     assert estimate_sampling_memory(1, 256, 256, 512, 3072, 2).total > 3.5 * base.total
     # The 12B model at 1024x1024 in bf16 peaked 0.5 GiB above its weights (H200): the estimate covers that.
     assert 0.5 * 1024**3 < base.total < 2 * 1024**3
+
+
+def test_the_embedded_model_previews_through_its_own_vae(pack):  # noqa: F811
+    """Its transformer names its VAE for previews; the sampler's previewer decodes with it (a linear FLUX.1 map
+    shows wrong colours), and the preview of a latent matches that VAE's own decode."""
+    import comfy.cli_args
+    import latent_preview
+
+    from evaluation.embedded import EMBEDDED_DIR, FILES, load_autoencoder
+    from fluxworks.flux_models.files import preview_vae_name
+    from fluxworks.flux_sampler.latents import to_model_space
+
+    name = preview_vae_name(f"{EMBEDDED_DIR}/{FILES['transformer']}")
+    assert name == "taef1_shapes_tiny.safetensors"
+    old = comfy.cli_args.args.preview_method
+    comfy.cli_args.args.preview_method = latent_preview.LatentPreviewMethod.Auto
+    try:
+        previewer = pack.nodes.host._previewer(torch.device("cpu"), name)
+    finally:
+        comfy.cli_args.args.preview_method = old
+    latent = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shown = np.asarray(previewer.decode_latent_to_preview(to_model_space(latent)), dtype=np.int16)
+        decoded = load_autoencoder(f"{EMBEDDED_DIR}/{FILES['vae']}").decode(latent)[0].permute(1, 2, 0)
+    expected = np.asarray(latent_preview.preview_to_image(decoded), dtype=np.int16)
+    assert shown.shape == expected.shape == (128, 128, 3)
+    assert np.abs(shown - expected).max() <= 1  # the same picture, up to uint8 rounding
