@@ -419,6 +419,14 @@ def test_guidance_curve_has_axes_step_marks_and_says_when_true_cfg_is_off(page, 
         [(0, "0%"), (0.25, "25%"), (0.5, "50%"), (0.75, "75%"), (1, "100%")]
     assert drawn["axes"]["x"]["title"] == "progress"
 
+    # Feeding only a core MODEL (FluxWorks Schedule Core Model), the schedule's cfg_scale is not read at all.
+    page.evaluate(f"""() => {{ const core = LiteGraph.createNode('FluxWorksScheduleCoreModel');
+        core.pos = [40, 40]; app.graph.add(core); ({FIND})('{SCHEDULE}').connect(0, core, 'guidance_schedule');
+        app.canvas.setDirty(true, true); }}""")
+    page.wait_for_timeout(200)
+    drawn = curve(page)
+    assert drawn["cfg"]["state"] == "off" and drawn["cfgLabel"] == "CFG 3.0 off: core samplers use their own cfg"
+
 
 def test_sampler_guidance_widget_is_greyed_while_a_schedule_is_linked(page, comfy_server, object_info):
     load(page, schedule_workflow(comfy_server, object_info), (SCHEDULE, SAMPLER))
