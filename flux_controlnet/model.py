@@ -126,9 +126,9 @@ def infer_config(state: dict[str, torch.Tensor], kind: str, folder_axes=None) ->
 
 
 def build_controlnet(config: ControlNetConfig, state: dict[str, torch.Tensor] | None = None,
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, source: str = "Flux ControlNet"):
     """A diffusers `FluxControlNetModel` for `config` (MistoLine parts swapped in), holding `state` if given,
-    else randomly initialised (zero-initialised projections, as diffusers makes them)."""
+    else randomly initialised (zero-initialised projections, as diffusers makes them); errors name `source`."""
     from diffusers import FluxControlNetModel
 
     with torch.device("meta") if state is not None else contextlib.nullcontext():
@@ -145,9 +145,13 @@ def build_controlnet(config: ControlNetConfig, state: dict[str, torch.Tensor] | 
         model = model if dtype == torch.float32 else model.to(dtype)  # modules are created in float32
         return model.eval().requires_grad_(False)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches: torch names the key, not the file
+        raise ValueError(f"{source}: {config.kind} ControlNet weights do not fit the architecture inferred from "
+                         f"them: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{config.kind} ControlNet weights do not fit the inferred architecture: "
+        raise ValueError(f"{source}: {config.kind} ControlNet weights do not fit the inferred architecture: "
                          f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}")
     return model.eval().requires_grad_(False)
 
@@ -208,11 +212,20 @@ class FluxControlNet(torch.nn.Module):
         return double, single
 
 
+def check_batch(count: int, latents: int, what: str) -> None:
+    """One control image (or mask) serves every latent of the batch; otherwise the counts must match. `what`
+    names it, e.g. "the control image of canny.safetensors"."""
+    if count in (1, latents):
+        return
+    options = "give just one" if latents == 1 else f"give one (it serves every latent) or {latents}"
+    raise ValueError(f"{what} is a batch of {count} but the latent batch is {latents}: {options}, or set the latent "
+                     f"batch_size to {count}")
+
+
 def _batched(cond: torch.Tensor, batch: int) -> torch.Tensor:
     if cond.shape[0] == batch:
         return cond
-    if cond.shape[0] != 1:
-        raise ValueError(f"the control image batch is {cond.shape[0]} but the latent batch is {batch}: use 1 or {batch}")
+    check_batch(cond.shape[0], batch, "the control image")
     return cond.expand(batch, *cond.shape[1:])
 
 
@@ -239,11 +252,14 @@ def load_controlnet(path: str, weight_dtype: str, default_compute: torch.dtype) 
     kind = detect_format(raw)
     if not kind:
         raise ValueError(f"{os.path.basename(path)} is not a Flux ControlNet: {EXPECTED}; {describe_non_controlnet(raw)}")
-    state = to_diffusers(raw, kind)
-    config = infer_config(state, kind, folder_config.get("axes_dims_rope"))
+    try:
+        state = to_diffusers(raw, kind)
+        config = infer_config(state, kind, folder_config.get("axes_dims_rope"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     file_dtype = state["x_embedder.weight"].dtype
     storage, compute = storage_and_compute(weight_dtype, file_dtype, default_compute)
-    model = build_controlnet(config, state, compute)
+    model = build_controlnet(config, state, compute, path)
     if storage != compute:
         model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
     net = FluxControlNet(model, config, compute, path)

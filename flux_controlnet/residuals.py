@@ -11,7 +11,7 @@ import torch
 
 from ..flux_sampler.control import ControlResiduals
 from ..flux_sampler.progress import StepPosition
-from .model import FluxControlNet
+from .model import FluxControlNet, check_batch
 
 
 def step_active(start: float, end: float, step: int, steps: int) -> bool:
@@ -79,9 +79,8 @@ class ControlStack:
         batch, tokens = inputs["hidden_states"].shape[:2]
         if unit.mask is not None and unit.mask.shape[1] != tokens:
             raise ValueError(f"the control mask covers {unit.mask.shape[1]} tokens but the image has {tokens}")
-        if unit.mask is not None and unit.mask.shape[0] not in (1, batch):
-            raise ValueError(f"the control mask batch is {unit.mask.shape[0]} but the latent batch is {batch}: "
-                             f"use 1 or {batch} masks")
+        if unit.mask is not None:
+            check_batch(unit.mask.shape[0], batch, "the control mask")
         double, single = unit.net.residuals(inputs, unit.cond, unit.mode, unit.strength, guidance)
         self.evaluations += 1
         if unit.mask is not None:

@@ -120,15 +120,24 @@ def architecture_hint(keys: list[str]) -> str:
     return "its first keys are " + ", ".join(keys[:4])
 
 
-def _nothing_matched(source: str, state: dict, shape_misses: list[str], only_text: bool) -> str:
+def _nothing_matched(source: str, state: dict, layers: dict, shape_misses: list[str], text_skipped: list[str],
+                     text_connected: bool) -> str:
+    """Why no layer of a LoRA fits the model, and what to do about it."""
+    if not layers:
+        return (f"{source} holds no LoRA tensors: none of its {len(state)} keys ends like a LoRA's (lora_A/lora_B, "
+                f"lora_down/lora_up, lokr_*, hada_*, diff); {architecture_hint(list(state))}. It is not a LoRA "
+                "(a full model or an embedding?): load it with the node its kind needs")
     hint = architecture_hint(list(state))
     if hint.startswith("it looks like"):
         return f"{source}: none of its {len(state)} keys matches a FLUX.1 layer; {hint}"
     if shape_misses:
         return (f"{source}: its layer names are FLUX.1 names but none fits this model's shapes "
                 f"({shape_misses[0]}); it was made for a model of another size")
-    if only_text:
-        return f"{source} only changes the text encoders: connect a FLUX_TEXT_ENCODER to apply it"
+    if len(text_skipped) == len(layers):
+        if not text_connected:
+            return f"{source} only changes the text encoders: connect a FLUX_TEXT_ENCODER to apply it"
+        return (f"{source} only changes text encoders, and none of its layers (e.g. '{text_skipped[0]}') is a layer "
+                "of the connected CLIP-L or T5: it was made for other text encoders")
     return f"{source}: none of its {len(state)} keys matches a FLUX.1 layer; {hint}"
 
 
@@ -156,12 +165,13 @@ def convert_lora(state: dict[str, torch.Tensor], table: RouteTable, metadata: di
                  adapter_config: dict | None = None, source: str = "LoRA") -> ConvertedLora:
     """Convert one LoRA; raises LoraMismatchError when none of its layers fits the model."""
     layers, stray = group_layers(state)
+    text_connected = bool(table.dotted["clip"] or table.dotted["t5"])
     scalings = peft_scalings(metadata, adapter_config)
     software = _software(metadata)
     patches: dict[str, dict[str, tuple[Adapter, ...]]] = {}
     unmatched = [Unmatched(k, "not a LoRA tensor name") for k in stray]
     labels: Counter[str] = Counter()
-    text_skipped = 0
+    text_skipped: list[str] = []
     shape_misses: list[str] = []
     for name, layer in layers.items():
         if "dora_scale" in layer.tensors:
@@ -170,8 +180,9 @@ def convert_lora(state: dict[str, torch.Tensor], table: RouteTable, metadata: di
         found = resolve(table, name)
         if found is None:
             if name.startswith(_TEXT_PREFIXES):
-                text_skipped += 1
-                reason = "text-encoder layer: connect a FLUX_TEXT_ENCODER to apply it"
+                text_skipped.append(name)
+                reason = ("text-encoder layer: connect a FLUX_TEXT_ENCODER to apply it" if not text_connected
+                          else "no layer of this name in the connected text encoders")
             else:
                 reason = "no FLUX.1 layer of this name"
             unmatched.extend(Unmatched(k, reason) for k in layer.keys)
@@ -190,6 +201,6 @@ def convert_lora(state: dict[str, torch.Tensor], table: RouteTable, metadata: di
         labels[_label(prefix_label, route.naming, layer.kind, software)] += 1
     matched = sum(labels.values())
     if matched == 0:
-        raise LoraMismatchError(_nothing_matched(source, state, shape_misses, text_skipped == len(layers)))
+        raise LoraMismatchError(_nothing_matched(source, state, layers, shape_misses, text_skipped, text_connected))
     fmt = ", ".join(label for label, _ in labels.most_common()) or "text encoder only"
     return ConvertedLora(patches, tuple(unmatched), fmt, matched)

@@ -32,6 +32,24 @@ def file_sha256(path: str, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return True
+    if tensor.dtype == torch.float8_e4m3fn:  # torch has no isfinite for it; e4m3fn has NaN but no infinity
+        return not bool(torch.isnan(tensor.to(torch.float16)).any())
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_finite(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a LoRA holding NaN or infinite values (a training run that diverged, a broken conversion): merged
+    into the model they turn every image black or into noise, silently. One pass per tensor, when the file is
+    read (the node caches the read file, so a cached LoRA is not checked again)."""
+    bad = [key for key, tensor in tensors.items() if not _finite(tensor)]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} of its {len(tensors)} tensors, first "
+                         f"'{bad[0]}': the LoRA is broken (e.g. its training diverged); use another export of it")
+
+
 def read_lora_file(path: str) -> LoraFile:
     """Load a `.safetensors` LoRA; errors name the file and what is wrong with it."""
     if not os.path.isfile(path):
@@ -47,6 +65,7 @@ def read_lora_file(path: str) -> LoraFile:
                          "It may be truncated by an interrupted download.") from exc
     if not tensors:
         raise ValueError(f"{path} holds no tensors: it is not a LoRA")
+    check_finite(path, tensors)
     config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
     adapter_config = None
     if os.path.basename(path).startswith("adapter_model") and os.path.isfile(config_path):

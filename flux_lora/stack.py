@@ -8,14 +8,39 @@ left out of the list.
 from __future__ import annotations
 
 import json
+import math
 
 ROW_KEYS = {"lora", "strength", "enabled", "text_strength"}
+# A strength scales the LoRA's delta on every patched weight: usual values lie within -2..2, and anything near
+# this bound already swamps the model's own weights. Beyond it (1e30, inf) the merged weights overflow to a black
+# or noise image, so such values are refused rather than applied.
+MAX_STRENGTH = 100.0
+STRENGTH_RANGE = f"LoRA strengths are usually between -2 and 2; FluxWorks accepts -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}"
+
+
+def _refuse_constant(name: str):
+    """json.loads' parse_constant hook: Python's json reads NaN/Infinity/-Infinity, which JSON does not have."""
+    raise ValueError(f"rows holds {name}, which is not a number in JSON (and no usable LoRA strength): write a "
+                     f"finite strength such as 1.0; {STRENGTH_RANGE}")
+
+
+def check_strength(value, what: str) -> float:
+    """A strength as float, or ValueError naming `what` (row, file and field), the value and the usable range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_STRENGTH:
+        raise ValueError(f"{what} is {value!r}: {STRENGTH_RANGE}")
+    return number
 
 
 def parse_rows(rows: str) -> list[tuple[str, float, float]]:
     """The `rows` widget (JSON list of {"lora", "strength", "enabled", "text_strength"}) -> enabled entries."""
     try:
-        data = json.loads(rows) if rows.strip() else []
+        data = json.loads(rows, parse_constant=_refuse_constant) if rows.strip() else []
     except json.JSONDecodeError as exc:
         raise ValueError(f"rows is not valid JSON ({exc}); expected e.g. "
                          '[{"lora": "my_flux_lora.safetensors", "strength": 1.0, "enabled": true}]') from exc
@@ -31,13 +56,12 @@ def parse_rows(rows: str) -> list[tuple[str, float, float]]:
         strength = row.get("strength", 1.0)
         text_strength = row.get("text_strength", strength)
         enabled = row.get("enabled", True)
-        for name, value in (("strength", strength), ("text_strength", text_strength)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"row {i} ({row['lora']}): {name} must be a number, got {value!r}")
+        strength = check_strength(strength, f"row {i} ({row['lora']}): strength")
+        text_strength = check_strength(text_strength, f"row {i} ({row['lora']}): text_strength")
         if not isinstance(enabled, bool):
             raise ValueError(f"row {i} ({row['lora']}): enabled must be true or false, got {enabled!r}")
         if enabled:
-            entries.append((row["lora"], float(strength), float(text_strength)))
+            entries.append((row["lora"], strength, text_strength))
     return entries
 
 
@@ -46,9 +70,10 @@ def check_stack(stack) -> list[tuple[str, float, float]]:
     if not isinstance(stack, (list, tuple)):
         raise TypeError(f"lora_stack must be a LORA_STACK list, got {type(stack).__name__}")
     out = []
-    for entry in stack:
+    for i, entry in enumerate(stack):
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)):
             raise TypeError(f"LORA_STACK entries are (lora_name, strength, text_strength); got {entry!r}")
         if entry[0] != "None":
-            out.append((entry[0], float(entry[1]), float(entry[2])))
+            out.append((entry[0], check_strength(entry[1], f"lora_stack entry {i} ({entry[0]}): strength"),
+                        check_strength(entry[2], f"lora_stack entry {i} ({entry[0]}): text_strength")))
     return out

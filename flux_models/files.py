@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +33,40 @@ def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
             f"{path} ({size} bytes) is not a readable safetensors file: {exc}. "
             "It may be truncated by an interrupted download, or not a safetensors file at all."
         ) from exc
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a safetensors file says without reading its tensors: key names and metadata."""
+
+    keys: tuple[str, ...]
+    metadata: dict[str, str]
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(path: str, size: int, mtime_ns: int) -> Header:
+    """Keyed by the file's size and mtime as well, so a replaced file is read again (the arguments are what
+    invalidates the cache; only `path` is read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return Header(tuple(f.keys()), dict(f.metadata() or {}))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable safetensors file: {exc}. "
+            "It may be truncated by an interrupted download, or not a safetensors file at all."
+        ) from exc
+
+
+def read_header(path: str) -> Header:
+    """The keys and metadata of a safetensors file, read once per version of the file (pickers list many files
+    on every page load, and a T5-XXL file is ~10 GB: only its JSON header is read here)."""
+    if not path.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"{path}: only .safetensors files are loaded (pickled .ckpt/.pt/.bin files are not safe)")
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise FileNotFoundError(f"weight file not found: {path} ({exc.strerror})") from exc
+    return _header(path, stat.st_size, stat.st_mtime_ns)
 
 
 def load_many(paths: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -143,7 +143,10 @@ def state_dict_from_path(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     state = dequantize_scaled_fp8(strip_prefix(state))
     layout = detect_layout(state)
     if layout == "bfl":
-        state = bfl_to_diffusers(state)
+        try:
+            state = bfl_to_diffusers(state)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
     elif layout != "diffusers":
         raise ValueError(
             f"{path} is not a FLUX.1 transformer: expected BFL keys like 'double_blocks.0.img_attn.qkv.weight' "
@@ -152,17 +155,21 @@ def state_dict_from_path(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state, folder_config
 
 
-def build_transformer(state: dict[str, torch.Tensor], config: FluxConfig, dtype: torch.dtype):
-    """Instantiate on the meta device and assign the weights (no second copy in memory)."""
+def build_transformer(state: dict[str, torch.Tensor], config: FluxConfig, dtype: torch.dtype,
+                      source: str = "FLUX.1 weights"):
+    """Instantiate on the meta device and assign the weights (no second copy in memory); errors name `source`."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config.diffusers_kwargs())
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches: torch names the key, not the file
+        raise ValueError(f"{source}: weights do not fit the FLUX.1 architecture inferred from them: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            "FLUX.1 weights do not fit the inferred architecture: "
+            f"{source}: weights do not fit the inferred FLUX.1 architecture: "
             f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}"
         )
     return model.eval().requires_grad_(False)
@@ -170,7 +177,8 @@ def build_transformer(state: dict[str, torch.Tensor], config: FluxConfig, dtype:
 
 def weight_file_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype the file keeps its large matrices in (fp8 files keep norms and embedders wider)."""
-    return state["transformer_blocks.0.attn.to_q.weight"].dtype
+    # A file without this key is refused by build_transformer, with its name; the embedder's dtype stands in.
+    return state.get("transformer_blocks.0.attn.to_q.weight", state["x_embedder.weight"]).dtype
 
 
 def load_flux_transformer(path: str, weight_dtype: str, default_compute: torch.dtype):
@@ -180,10 +188,13 @@ def load_flux_transformer(path: str, weight_dtype: str, default_compute: torch.d
     """
     state, folder_config = state_dict_from_path(path)
     axes = folder_config.get("axes_dims_rope")
-    config = infer_config(state, tuple(axes) if axes else None)
+    try:
+        config = infer_config(state, tuple(axes) if axes else None)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     storage, compute = storage_and_compute(weight_dtype, weight_file_dtype(state), default_compute)
     fp8_in_file = {k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and is_fp8(v.dtype)}
-    model = build_transformer(state, config, compute)
+    model = build_transformer(state, config, compute, path)
     if storage != compute:
         chosen = fp8_in_file if weight_dtype == "default" else None
         keep_linear_weights_in(model, storage, compute, only=chosen)

@@ -66,7 +66,14 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
     return ""
 
 
-def _split(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def _split(key: str, tensor: torch.Tensor, sizes: list[int], what: str) -> list[torch.Tensor]:
+    """Rows of a fused tensor; a wrong row count raises ValueError naming the key and the expected sizes instead
+    of torch's `split_with_sizes` error."""
+    if tensor.ndim == 0 or tensor.shape[0] != sum(sizes) or min(sizes) <= 0:
+        rows = tensor.shape[0] if tensor.ndim else 0
+        raise ValueError(f"'{key}' has shape {tuple(tensor.shape)}, but {what} needs {sum(sizes)} rows "
+                         f"({' + '.join(map(str, sizes))}) for the hidden width {sizes[0]} read from "
+                         f"'img_in.weight'; got {rows}: the file is damaged or mixes models of two sizes")
     return list(torch.split(tensor, sizes, dim=0))
 
 
@@ -104,7 +111,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 suffix = rest.rsplit(".", 1)[1]
                 names = ("to_q", "to_k", "to_v") if rest.startswith("img") else (
                     "add_q_proj", "add_k_proj", "add_v_proj")
-                for name, part in zip(names, _split(value, [hidden] * 3), strict=True):
+                for name, part in zip(names, _split(key, value, [hidden] * 3, "a fused q/k/v"), strict=True):
                     out[f"{base}attn.{name}.{suffix}"] = part
                 continue
             name = _rename(_DOUBLE_RENAMES, rest)
@@ -112,8 +119,8 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             base = f"single_transformer_blocks.{index}."
             if rest.startswith("linear1."):
                 suffix = rest.rsplit(".", 1)[1]
-                mlp = value.shape[0] - 3 * hidden
-                q, k, v, m = _split(value, [hidden, hidden, hidden, mlp])
+                mlp = 4 * hidden  # FLUX.1's MLP ratio (infer_config checks it on the double blocks too)
+                q, k, v, m = _split(key, value, [hidden, hidden, hidden, mlp], "a fused q/k/v + MLP input")
                 out[f"{base}attn.to_q.{suffix}"] = q
                 out[f"{base}attn.to_k.{suffix}"] = k
                 out[f"{base}attn.to_v.{suffix}"] = v

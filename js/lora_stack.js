@@ -25,7 +25,9 @@ const COMBO_SIDE = 15 + 6 + 10 + 6;
 const MAX_AUTO_WIDTH = 640; // the node grows to show long file names in full, up to this width
 const ELLIPSIS = "…";
 
-/** The files in models/loras as the server lists them; `names` is null until a listing succeeded. */
+/** The files in models/loras as the server lists them, then the FluxWorks-only LoRA folder's (`fluxworks_loras`,
+ * where the embedded model's LoRA is: core's LoRA loaders do not list it); `names` is null until a listing
+ * succeeded. */
 class LoraFiles {
   constructor() {
     this.names = null;
@@ -39,7 +41,10 @@ class LoraFiles {
       if (!response.ok) throw new Error(`/models/loras answered HTTP ${response.status}`);
       const names = await response.json();
       if (!Array.isArray(names)) throw new Error("/models/loras did not answer with a list of file names");
-      this.names = names;
+      const own = await api.fetchApi("/models/fluxworks_loras"); // 404 when the pack registered no such folder
+      const extra = own.ok ? await own.json() : [];
+      if (!Array.isArray(extra)) throw new Error("/models/fluxworks_loras did not answer with a list of file names");
+      this.names = [...names, ...extra.filter((name) => !names.includes(name))];
       this.error = null;
     } catch (error) {
       this.error = String(error?.message ?? error);

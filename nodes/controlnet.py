@@ -9,6 +9,7 @@ ratio, then resized (area when shrinking, bilinear when enlarging); masks become
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from ..flux_controlnet import (
     load_controlnet,
 )
 from ..flux_controlnet.depth import DepthEstimator, is_depth_model_folder, load_depth_model
+from ..flux_controlnet.model import check_batch
 from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES
 from ..flux_sampler.latents import LATENT_CHANNELS, to_model_space
 from . import host
@@ -36,18 +38,23 @@ logger = logging.getLogger(__name__)
 FLUX_CONTROLNET = "FLUX_CONTROLNET"
 CONTROLS_KEY = "fluxworks_controls"
 STRUCTURAL_KEY = "fluxworks_structural"
-DEPTH_FOLDER = "depth"
+# FluxWorks' own key for models/depth: a generic "depth" key would be shared with any other pack that registers
+# one (and core creates unknown keys without an extension filter, listing every file). The folder on disk is
+# still models/depth.
+DEPTH_FOLDER = "fluxworks_depth"
+DEPTH_DIR = "depth"
 STRUCTURAL_IN_CHANNELS = 2 * LATENT_CHANNELS * 4  # noise + control latent tokens (2x2 patches): Canny/Depth-dev
 _PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
 
 def _register_depth_folders() -> None:
     """Depth models live in models/depth, and in a `depth` folder beside every controlnet folder (so roots
-    from extra_model_paths.yaml work without another entry)."""
-    roots = [os.path.join(folder_paths.models_dir, DEPTH_FOLDER)]
-    roots += [os.path.join(os.path.dirname(p), DEPTH_FOLDER) for p in folder_paths.get_folder_paths("controlnet")]
+    from extra_model_paths.yaml work without another entry). They are folders (config.json + safetensors); the
+    key lists their weight files only."""
+    roots = [os.path.join(folder_paths.models_dir, DEPTH_DIR)]
+    roots += [os.path.join(os.path.dirname(p), DEPTH_DIR) for p in folder_paths.get_folder_paths("controlnet")]
     for root in roots:
-        folder_paths.add_model_folder_path(DEPTH_FOLDER, root)
+        host.register_folder(DEPTH_FOLDER, root)
 
 
 _register_depth_folders()
@@ -76,15 +83,23 @@ class StructuralImage:
 def _folder_choices(folder: str, is_model_folder) -> tuple[list[str], list[str]]:
     """(model folders, files outside them) under every root of a models folder kind."""
     folders = []
-    for root in folder_paths.get_folder_paths(folder):
+    for root in host.folder_roots(folder):
         if os.path.isdir(root):
             for dirpath, dirnames, _ in os.walk(root, followlinks=True):
                 if dirpath != root and is_model_folder(dirpath):
                     folders.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
                     dirnames[:] = []
     hidden = tuple(f + "/" for f in folders)
-    files = [f for f in folder_paths.get_filename_list(folder) if not f.replace(os.sep, "/").startswith(hidden)]
+    files = [f for f in host.filename_list(folder) if not f.replace(os.sep, "/").startswith(hidden)]
     return sorted(set(folders)), files
+
+
+def _finite(node: str, **values: float) -> None:
+    """Refuse NaN/inf settings by name: NaN slips through every range comparison and silently disables or
+    corrupts the control."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{node}: {name} is {value!r}; it must be a finite number (see the widget's range)")
 
 
 def _is_controlnet_folder(path: str) -> bool:
@@ -162,6 +177,7 @@ class FluxWorksControlNetApply:
     def apply(self, conditioning, control_net, image, strength: float, start_percent: float, end_percent: float,
               union_mode: str, vae=None, mask=None):
         net = _expect_controlnet(control_net, "FluxWorksControlNetApply").model
+        _finite("FluxWorksControlNetApply", strength=strength, start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         if image.ndim != 4:
@@ -216,6 +232,8 @@ class FluxWorksCannyEdges:
     DESCRIPTION = "Canny edge map (white edges on black), computed in torch on the GPU when there is one."
 
     def detect(self, image, low_threshold: float, high_threshold: float, blur_sigma: float):
+        _finite("FluxWorksCannyEdges", low_threshold=low_threshold, high_threshold=high_threshold,
+                blur_sigma=blur_sigma)
         edges = canny_edges(image.to(host.compute_device()), low_threshold, high_threshold, blur_sigma)
         return (edges[..., None].expand(*edges.shape, 3).to(host.intermediate_device(), torch.float32),)
 
@@ -253,12 +271,16 @@ class SamplerControls:
                         "ControlNet residuals are used for both, as diffusers does")
         self.applied: tuple[AppliedControl, ...] = tuple(extras.get(CONTROLS_KEY, ()))
         h, w = samples.shape[2:]
-        self.units = [self._prepare(c, h, w) for c in self.applied]
+        self.units = [self._prepare(c, samples.shape[0], h, w) for c in self.applied]
         self.concat = self._structural(extras.get(STRUCTURAL_KEY), flux.config.in_channels, h, w)
 
     @staticmethod
-    def _prepare(control: AppliedControl, h: int, w: int):
+    def _prepare(control: AppliedControl, batch: int, h: int, w: int):
         net = control.patcher.model
+        name = os.path.basename(net.source)
+        check_batch(control.image.shape[0], batch, f"the control image of {name}")
+        if control.mask is not None and control.mask.ndim == 3:
+            check_batch(control.mask.shape[0], batch, f"the mask of {name}")
         encode = None if control.vae is None else (lambda image: _encode(control.vae, image))
         return (net, *control_inputs(net.config.latent_input, control.image, control.mask, h, w, encode))
 

@@ -37,6 +37,8 @@ Relied on, per internal:
   {"input", "timestep", "c", ...})`, the sampler's sigmas in `c["transformer_options"]["sample_sigmas"]` and
   FLUX.1's distilled guidance in `c["guidance"]`.
 - `comfy/sd1_tokenizer` and `comfy/text_encoders/t5_tokenizer` beside `comfy/utils.py`: the tokenizer files.
+- `folder_paths.folder_names_and_paths[key] = ([paths], extensions)`, with `filter_files_extensions` listing
+  every file when `extensions` is empty: FluxWorks-only folder keys (PACK_FOLDERS) are created with a filter.
 """
 
 from __future__ import annotations
@@ -119,10 +121,50 @@ def _is_diffusers_folder(path: str) -> bool:
         return "FluxTransformer2DModel" in f.read()
 
 
+# FluxWorks-only model folders: the key under which folder_paths lists files only FluxWorks loaders read, next to
+# the standard folder of the same kind. Core's and other packs' loaders list the standard folders only, so files
+# placed here (the embedded model's, or a user's via extra_model_paths.yaml) do not show up in loaders that would
+# fail on them (core UNETLoader / DualCLIPLoader cannot build the embedded model's narrow transformer and T5).
+PACK_FOLDERS = {
+    "diffusion_models": "fluxworks_diffusion_models",
+    "text_encoders": "fluxworks_text_encoders",
+    "loras": "fluxworks_loras",
+    "controlnet": "fluxworks_controlnet",
+}
+PACK_EXTENSIONS = frozenset({".safetensors", ".sft"})  # what the pack loads; pickles and configs are not listed
+
+
+def register_folder(key: str, path: str, extensions=PACK_EXTENSIONS) -> None:
+    """Add `path` under the models folder `key`, creating the key with an extension filter (core's
+    add_model_folder_path creates unknown keys with none, which lists every file, READMEs included)."""
+    if key not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[key] = ([], set(extensions))
+    if path not in folder_paths.get_folder_paths(key):
+        folder_paths.add_model_folder_path(key, path)
+
+
+def folder_roots(folder: str) -> list[str]:
+    """The folder kind's roots, then its FluxWorks-only ones (PACK_FOLDERS)."""
+    pack = PACK_FOLDERS.get(folder)
+    extra = folder_paths.get_folder_paths(pack) if pack in folder_paths.folder_names_and_paths else []
+    return folder_paths.get_folder_paths(folder) + [r for r in extra if r not in folder_paths.get_folder_paths(folder)]
+
+
+def filename_list(folder: str) -> list[str]:
+    """Files of a models folder kind as FluxWorks loaders list them: the standard folder's, then the FluxWorks-only
+    folder's (see PACK_FOLDERS) that the standard one does not already have."""
+    names = folder_paths.get_filename_list(folder)
+    pack = PACK_FOLDERS.get(folder)
+    if pack in folder_paths.folder_names_and_paths:
+        seen = set(names)
+        names += [n for n in folder_paths.get_filename_list(pack) if n not in seen]
+    return names
+
+
 def model_choices(folder: str = "diffusion_models") -> list[str]:
     """Single files plus diffusers folders (listed as folders; their shard files are hidden)."""
     folders: list[str] = []
-    for root in folder_paths.get_folder_paths(folder):
+    for root in folder_roots(folder):
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, _ in os.walk(root, followlinks=True):
@@ -133,21 +175,24 @@ def model_choices(folder: str = "diffusion_models") -> list[str]:
             elif depth >= 3:
                 dirnames[:] = []
     hidden = tuple(f + "/" for f in folders)
-    files = [f for f in folder_paths.get_filename_list(folder) if not f.replace(os.sep, "/").startswith(hidden)]
+    files = [f for f in filename_list(folder) if not f.replace(os.sep, "/").startswith(hidden)]
     return sorted(set(files) | set(folders))
 
 
 def full_path(folder: str, name: str) -> str:
-    """Absolute path of a listed file or diffusers folder; FileNotFoundError names what was looked for."""
-    path = folder_paths.get_full_path(folder, name)
-    if path is not None:
-        return path
-    for root in folder_paths.get_folder_paths(folder):
+    """Absolute path of a listed file or folder (standard folder first, then the FluxWorks-only one);
+    FileNotFoundError names what was looked for and where."""
+    for key in (folder, PACK_FOLDERS.get(folder)):
+        if key in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(key, name)
+            if path is not None:
+                return path
+    for root in folder_roots(folder):
         candidate = os.path.join(root, name)
         if os.path.isdir(candidate):
             return candidate
-    roots = ", ".join(folder_paths.get_folder_paths(folder))
-    raise FileNotFoundError(f"'{name}' was not found in the {folder} folders ({roots})")
+    raise FileNotFoundError(f"'{name}' was not found in the {folder} folders ({', '.join(folder_roots(folder))}): put "
+                            "it there, or pick a listed file (press R in the browser to re-read the folders)")
 
 
 def tokenizer_folders() -> tuple[str, str]:
@@ -160,10 +205,17 @@ EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 
 
 def register_embedded_model() -> None:
-    """List the embedded tiny model's files (embedded_model/<folder>/) next to the user's own models."""
+    """List the embedded tiny model's files (embedded_model/<kind>/) in FluxWorks loaders, next to the user's own
+    models. Its transformer, text encoders, LoRA and ControlNet go to the FluxWorks-only folders (core's loaders
+    cannot build them: 2 heads, 64-wide T5); its VAE goes to the standard `vae` folder, where core's VAELoader
+    loads it (taef1 layout) for VAEDecode."""
     for kind in ("diffusion_models", "text_encoders", "vae", "loras", "controlnet"):
         path = os.path.join(EMBEDDED_MODEL_DIR, kind)
-        if os.path.isdir(path) and path not in folder_paths.get_folder_paths(kind):
+        if not os.path.isdir(path):
+            continue
+        if kind in PACK_FOLDERS:
+            register_folder(PACK_FOLDERS[kind], path)
+        elif path not in folder_paths.get_folder_paths(kind):
             folder_paths.add_model_folder_path(kind, path)
 
 

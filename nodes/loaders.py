@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import folder_paths
-
 from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES, storage_and_compute
 from ..flux_models.files import preview_vae_name
 from ..flux_models.holders import FluxModel, FluxTextEncoder
-from ..flux_models.text_encoders import Tokenizers, load_clip_l, load_t5
+from ..flux_models.text_encoders import CLIP_L, T5, Tokenizers, file_text_encoder_kinds, load_clip_l, load_t5
 from ..flux_models.transformer import load_flux_transformer
 from . import host
 
@@ -44,22 +42,61 @@ class FluxWorksModelLoader:
         return (host.wrap_patcher(model, load_device, offload_device),)
 
 
+def text_encoder_choices() -> dict[str, list[str]]:
+    """{T5: [...], CLIP_L: [...]}: the files in the text_encoders folders by what their keys hold, read from each
+    file's header once per version of the file. Unreadable files and files of other kinds are in neither list
+    (logged once, with the reason), so neither picker offers a file its side cannot load; a merged file holding
+    both encoders is in both."""
+    out: dict[str, list[str]] = {T5: [], CLIP_L: []}
+    for name in host.filename_list("text_encoders"):
+        for kind in sorted(file_text_encoder_kinds(host.full_path("text_encoders", name))):
+            out[kind].append(name)
+    return out
+
+
+_WHICH = {T5: ("t5_name", "a T5-XXL text encoder (t5xxl_*.safetensors)"),
+          CLIP_L: ("clip_name", "a CLIP-L text encoder (clip_l.safetensors)")}
+
+
 class FluxWorksTextEncoderLoader:
-    """T5-XXL and CLIP-L from ComfyUI-format files in models/text_encoders (or models/clip)."""
+    """T5-XXL and CLIP-L from ComfyUI-format files in models/text_encoders (or models/clip). Each picker lists only
+    the files of its kind, read from their keys, so the first entry of each is a working default."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = folder_paths.get_filename_list("text_encoders")
+        choices = text_encoder_choices()
         return {
             "required": {
-                "t5_name": (names, {"tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) .safetensors"}),
-                "clip_name": (names, {"tooltip": "clip_l.safetensors"}),
+                "t5_name": (choices[T5], {"tooltip": "T5-XXL files in models/text_encoders (t5xxl_fp16, "
+                                                     "t5xxl_fp8_e4m3fn(_scaled)); only T5 files are listed."}),
+                "clip_name": (choices[CLIP_L], {"tooltip": "CLIP-L files in models/text_encoders (clip_l); only "
+                                                           "CLIP text encoders are listed."}),
                 "weight_dtype": (["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"], {
                     "default": "default",
                     "tooltip": "default: bf16 on GPU (fp32 on CPU); fp8 T5 files stay fp8. fp8_e4m3fn stores "
                                "T5 in fp8."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, t5_name, clip_name):
+        """Instead of core's "Value not in list": say what the file is and which input takes it."""
+        choices = text_encoder_choices()
+        problems = []
+        for kind, value in ((T5, t5_name), (CLIP_L, clip_name)):
+            if value in choices[kind]:
+                continue
+            input_name, wanted = _WHICH[kind]
+            listed = ", ".join(choices[kind]) or "none"
+            other = next((k for k in (T5, CLIP_L) if k != kind and value in choices[k]), None)
+            if other is not None:
+                problems.append(f"{input_name} '{value}' is {_WHICH[other][1]}, not {wanted}: choose it as "
+                                f"{_WHICH[other][0]}, and one of these as {input_name}: {listed}")
+            else:
+                problems.append(f"{input_name} '{value}' is not {wanted} in models/text_encoders (missing, "
+                                f"unreadable or another kind of file: the server log says which); choose one of: "
+                                f"{listed}")
+        return True if not problems else "; ".join(problems)
 
     RETURN_TYPES = (host.FLUX_TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)

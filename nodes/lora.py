@@ -14,8 +14,6 @@ import json
 import logging
 import os
 
-import folder_paths
-
 from ..flux_lora import RouteTable, convert_lora, linear_shapes, read_lora_file
 from ..flux_lora.stack import check_stack, parse_rows
 from . import host
@@ -27,7 +25,7 @@ _CACHE_BYTES = 2 * 1024**3
 
 
 def missing_loras(names) -> list[str]:
-    available = set(folder_paths.get_filename_list("loras"))
+    available = set(host.filename_list("loras"))
     return [n for n in names if n not in available]
 
 
@@ -101,7 +99,7 @@ class FluxWorksApplyLoraStack:
                    "FLUX.1 model; applied_loras records names, strengths and hashes; unmatched keys are listed.")
 
     def _read(self, name: str):
-        path = folder_paths.get_full_path_or_raise("loras", name)
+        path = host.full_path("loras", name)
         stat = os.stat(path)
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in self._files:

@@ -312,15 +312,16 @@ def test_broken_rows_json_shows_an_error_row_instead_of_stale_rows(page, lora_na
 def test_empty_loras_folder_shows_a_hint_until_refreshed(page, comfy_server, lora_names):
     load(page, lora_workflow([]), (STACK,))
     assert "no LoRA files" not in [w["name"] for w in widgets(page, STACK)]
-    # The server's models/loras is shared with other tests, so the empty listing is what the page is told.
-    page.route("**/api/models/loras", lambda route: route.fulfill(status=200, json=[]))
+    # The server's LoRA folders (models/loras and the FluxWorks-only one with the embedded LoRA) are shared with
+    # other tests, so the empty listing is what the page is told.
+    page.route("**/api/models/*loras", lambda route: route.fulfill(status=200, json=[]))
     try:
         page.mouse.click(800, 900)  # focus the canvas (empty area), then R refreshes as the hint says
         page.keyboard.press("r")
         page.wait_for_function(f"() => ({FIND})('{STACK}').widgets.some(w => w.name === 'no LoRA files')",
                                timeout=10_000)
     finally:
-        page.unroute("**/api/models/loras")
+        page.unroute("**/api/models/*loras")
     hint = widget(page, STACK, "no LoRA files")
     assert "models/loras" in hint["note"] and "press R" in hint["note"]
     assert widget(page, STACK, "+ add LoRA")["disabled"]
