@@ -33,7 +33,8 @@ def check_strength(value, what: str) -> float:
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number) or abs(number) > MAX_STRENGTH:
-        raise ValueError(f"{what} is {value!r}: {STRENGTH_RANGE}")
+        shown = repr(value) if len(repr(value)) <= 32 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
+        raise ValueError(f"{what} is {shown}: {STRENGTH_RANGE}")
     return number
 
 

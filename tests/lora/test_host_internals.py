@@ -251,6 +251,23 @@ def test_tokenizer_folders_hold_the_clip_and_t5_files(pack):
     assert "tokenizer.json" in os.listdir(t5)
 
 
+def test_folder_names_and_paths_entries_are_paths_and_extensions(pack, tmp_path):
+    import folder_paths
+
+    paths, extensions = folder_paths.folder_names_and_paths["loras"]
+    assert isinstance(paths, list) and ".safetensors" in extensions
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    assert folder_paths.filter_files_extensions(["notes.txt", "a.safetensors"], set()) == ["a.safetensors",
+                                                                                           "notes.txt"]
+    folder_paths.add_model_folder_path("fluxworks_internals_probe", str(tmp_path))
+    try:  # core creates an unknown key without a filter: every file is listed
+        assert folder_paths.folder_names_and_paths["fluxworks_internals_probe"] == ([str(tmp_path)], set())
+        assert sorted(folder_paths.get_filename_list("fluxworks_internals_probe")) == ["a.safetensors", "notes.txt"]
+    finally:
+        del folder_paths.folder_names_and_paths["fluxworks_internals_probe"]
+
+
 # Node files may use ComfyUI's documented node API only; everything else goes through host.py.
 NODE_API = {"folder_paths", "latent_preview", "comfy.utils.ProgressBar", "comfy.latent_formats.Flux",
             "comfy.model_management.throw_exception_if_processing_interrupted"}
