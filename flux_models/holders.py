@@ -18,6 +18,15 @@ class FluxModel(torch.nn.Module):
         self.compute_dtype = compute_dtype
         self.source = source
         self.preview_vae = preview_vae  # VAE file for previews of a non-FLUX.1 latent space (files.PREVIEW_VAE_KEY)
+        # The sampler's flux_speed.prepare.PreparedSlot: the prepared transformer kept between prompts while these
+        # weights stay loaded (created by the sampler on first use; released through `release_prepared`).
+        self.prepared_slot = None
+
+    def release_prepared(self) -> None:
+        """Drop the prepared transformer kept between prompts (its fp8 copies and compiled blocks' guards): the host
+        calls this when the weights are unpatched or leave the device."""
+        if self.prepared_slot is not None:
+            self.prepared_slot.release()
         self.device = torch.device("cpu")  # ModelPatcher keeps this attribute up to date
 
     @property

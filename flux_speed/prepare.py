@@ -205,19 +205,68 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
     return PreparedTransformer(model, options, cache, offloader, calibrated)
 
 
+class PreparedSlot:
+    """Keeps one PreparedTransformer between sampling runs of the same loaded model, so the next prompt reuses
+    its fp8 weights, hooks and compiled blocks instead of quantising 12B weights and re-guarding every compiled
+    block again. It is reused only while the key matches: the options, device, dtype, interrupt check and a
+    fingerprint of the loaded weights (each tensor's storage, and its in-place version counter where torch keeps one:
+    tensors made under inference mode, as ComfyUI's LoRA merges are, have none) plus the caller's `weights_tag`
+    (the host passes its record of which weight patches are merged, which changes with every merge and unmerge,
+    in-place ones included). Block offload is never kept (its streaming state belongs to one run). The
+    model's owner calls `release()` when the weights leave the device (the host's patcher does it on unpatch), so
+    the fp8 copies never outlive the loaded model."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.prepared: PreparedTransformer | None = None
+
+    @staticmethod
+    def fingerprint(transformer: torch.nn.Module) -> tuple:
+        tensors = list(transformer.parameters()) + list(transformer.buffers())
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+    def get(self, transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
+            compute_dtype: torch.dtype, interrupt: Callable[[], None] | None,
+            weights_tag: object = None) -> PreparedTransformer:
+        if options.offload:
+            self.release()
+            return prepare(transformer, options, device, compute_dtype, interrupt)
+        key = (options, str(device), compute_dtype, interrupt, weights_tag, self.fingerprint(transformer))
+        if self.prepared is None or key != self.key:
+            self.release()
+            self.prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+            self.key = key
+        return self.prepared
+
+    def release(self) -> None:
+        if self.prepared is not None:
+            self.prepared.close()
+        self.key = self.prepared = None
+
+
 def sample_prepared(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
-                    compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None, **sample_args):
-    """Prepare `transformer` with `options` and run `sample_flux` on it (keyword arguments as sample_flux takes,
-    without `transformer` and `compute_dtype`): what the FluxWorks Sampler node runs once the host has loaded
-    the weights and made the conditioning, and what the parity tests and benchmarks call.
-    Returns (model-space latent, denoiser, prepared)."""
-    prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+                    compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None,
+                    slot: PreparedSlot | None = None, weights_tag: object = None, **sample_args):
+    """Prepare `transformer` with `options` (or reuse what `slot` kept from the last run) and run `sample_flux`
+    on it (keyword arguments as sample_flux takes, without `transformer` and `compute_dtype`): what the FluxWorks
+    Sampler node runs once the host has loaded the weights and made the conditioning, and what the parity tests
+    and benchmarks call. Returns (model-space latent, denoiser, prepared)."""
+    if slot is not None:
+        prepared = slot.get(transformer, options, device, compute_dtype, interrupt, weights_tag)
+    else:
+        prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+    kept = slot is not None and slot.prepared is prepared
     try:
         with prepared.run():
             x, denoiser = sample_flux(prepared.model, compute_dtype=compute_dtype, scope=prepared.evaluation,
                                       **sample_args)
+    except BaseException:
+        if kept:
+            slot.release()  # an interrupted run may leave calibration or streaming half done: start clean
+        raise
     finally:
-        prepared.close()
+        if not kept:
+            prepared.close()
     return x, denoiser, prepared
 
 

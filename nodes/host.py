@@ -366,6 +366,13 @@ class FastSwitchPatcher(comfy.model_patcher.ModelPatcher):
         """Bytes of original weights the shared backup keeps on the load device now."""
         return sum(_nbytes(b.weight) for b in self.backup.values() if _kept_on_device(b))
 
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        """Core's unpatch, after dropping the sampler's prepared transformer (fp8 copies and hooks made from the
+        weights now being restored or moved off the device)."""
+        if unpatch_weights and isinstance(self.model, FluxModel):
+            self.model.release_prepared()
+        return super().unpatch_model(device_to, unpatch_weights)
+
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         if not self._can_switch_in_place(device_to, force_patch_weights):
             return super().partially_load(device_to, extra_memory, force_patch_weights)
@@ -472,6 +479,12 @@ def schedule_core_guidance(model, guidance_at: Callable[[torch.Tensor, torch.Ten
 
 
 # --- sampling progress -----------------------------------------------------------------------------------------
+
+def merged_patches(patcher) -> object:
+    """Which weight patches are merged into the model's weights right now (core's `current_weight_patches_uuid`:
+    changes with every merge and unmerge, in place or not)."""
+    return patcher.model.current_weight_patches_uuid
+
 
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception when the user pressed Cancel (core's own check)."""

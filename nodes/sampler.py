@@ -13,7 +13,7 @@ from ..flux_sampler.latents import LATENT_CHANNELS, make_noise, to_model_space, 
 from ..flux_sampler.memory import estimate_sampling_memory, gib
 from ..flux_sampler.sampling import TextConditioning
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
-from ..flux_speed.prepare import sample_prepared
+from ..flux_speed.prepare import PreparedSlot, sample_prepared
 from . import controlnet, host, speed
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,13 @@ def checked_latent(latent: dict) -> torch.Tensor:
                          "which FLUX.1 needs (2x2 latent patches): pick e.g. "
                          f"{(w // 2) * 16}x{(h // 2) * 16}")
     return samples
+
+
+def prepared_slot(flux) -> PreparedSlot:
+    """The FLUX_MODEL's slot for the prepared transformer kept between prompts (see PreparedSlot)."""
+    if flux.prepared_slot is None:
+        flux.prepared_slot = PreparedSlot()
+    return flux.prepared_slot
 
 
 def check_memory(flux, samples: torch.Tensor, pos: TextConditioning, neg: TextConditioning | None,
@@ -145,7 +152,7 @@ class FluxWorksSampler:
             callback = host.step_callback(device, steps, flux.preview_vae)
             x, _, prepared = sample_prepared(
                 flux.transformer, options, device, flux.compute_dtype,
-                interrupt=host.check_interrupt, guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
+                interrupt=host.check_interrupt, slot=prepared_slot(flux), weights_tag=host.merged_patches(patcher), guidance_embeds=flux.config.guidance_embeds, positive=pos, negative=neg,
                 latent=to_model_space(samples.to(torch.float32)).to(device), noise=noise.to(device),
                 sigmas=sigmas.to(device), curve=curve, callback=callback, controls=stack, concat_latent=concat_latent)
         if prepared.cache is not None:

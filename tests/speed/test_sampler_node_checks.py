@@ -72,3 +72,31 @@ def test_the_embedded_model_previews_through_its_own_vae(pack):  # noqa: F811
     expected = np.asarray(latent_preview.preview_to_image(decoded), dtype=np.int16)
     assert shown.shape == expected.shape == (128, 128, 3)
     assert np.abs(shown - expected).max() <= 1  # the same picture, up to uint8 rounding
+
+
+def test_the_sampler_keeps_the_prepared_transformer_until_the_model_is_unpatched(pack, flux):  # noqa: F811
+    patcher = make_patcher(pack, flux)
+    (first,) = run(pack, patcher, torch.zeros(1, 16, 8, 8))
+    slot = patcher.model.prepared_slot
+    kept = slot.prepared
+    assert kept is not None
+    (second,) = run(pack, patcher, torch.zeros(1, 16, 8, 8))
+    assert slot.prepared is kept and torch.equal(first["samples"], second["samples"])
+    patcher.unpatch_model()  # what the memory manager does when it unloads the model
+    assert slot.prepared is None
+
+
+def test_the_kept_transformer_follows_weights_merged_under_inference_mode(pack, flux):  # noqa: F811
+    """ComfyUI runs prompts under torch.inference_mode, where a LoRA merge makes weights without version counters:
+    the slot still sees the change (storage and core's merged-patches record) and prepares anew."""
+    patcher = make_patcher(pack, flux)
+    with torch.inference_mode():
+        (before,) = run(pack, patcher, torch.zeros(1, 16, 8, 8))
+        kept = patcher.model.prepared_slot.prepared
+        key = "transformer.transformer_blocks.0.attn.to_q.weight"
+        weight = patcher.model.state_dict()[key]
+        lora = patcher.clone()
+        lora.add_patches({key: (0.05 * torch.ones_like(weight),)}, 1.0)
+        (after,) = run(pack, lora, torch.zeros(1, 16, 8, 8))
+    assert patcher.model.prepared_slot.prepared is not kept
+    assert not torch.equal(before["samples"], after["samples"])

@@ -242,3 +242,38 @@ def test_a_loaded_model_with_a_diffusers_hook_registry_stays_clean(model, cond):
     assert bare._diffusers_hook.hooks == {}
     assert first.model._diffusers_hook is not bare._diffusers_hook
     assert torch.equal(sample(bare, cond, options=options), eager(model, cond))
+
+
+def test_a_prepared_slot_reuses_the_prepared_transformer_only_while_nothing_changed(model, cond):
+    """The next prompt reuses the prepared transformer (fp8 copies, hooks, compiled blocks) while options, device
+    and weights are the same; a weight change (a LoRA merge patches in place) or other options prepare anew, and a
+    kept one gives the same result as a fresh one."""
+    from fluxworks.flux_speed.prepare import PreparedSlot, sample_prepared
+
+    weights = copy.deepcopy(model)
+    slot = PreparedSlot()
+    options = SpeedOptions(cache=StepCacheConfig(threshold=0.5, start_percent=0.2, end_percent=0.8))
+
+    def run(opts=options):
+        x, _, prepared = sample_prepared(weights, opts, torch.device("cpu"), torch.float32, slot=slot,
+                                         guidance_embeds=True, positive=cond, negative=None,
+                                         latent=torch.zeros(SHAPE), noise=make_noise(SHAPE, 4),
+                                         sigmas=get_sigmas(STEPS, 0.9), curve=GuidanceCurve.constant(3.5))
+        return x, prepared
+
+    first, a = run()
+    again, b = run()
+    assert b is a and torch.equal(again, first)  # kept, and its cache state starts fresh each run
+    with torch.no_grad():
+        weights.transformer_blocks[0].attn.to_q.weight.add_(0.01)  # what an in-place LoRA merge does
+    changed, c = run()
+    assert c is not a and not torch.equal(changed, first)
+    with torch.no_grad():
+        weights.transformer_blocks[0].attn.to_q.weight.sub_(0.01)
+    _, d = run(SpeedOptions())
+    assert d is not c
+    slot.release()
+    assert slot.prepared is None
+    _, e = run(SpeedOptions(offload_resident_blocks=1))
+    assert slot.prepared is None and e.offloader is not None  # streaming state is never kept
+
