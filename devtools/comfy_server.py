@@ -160,13 +160,15 @@ class ComfyServer:
         return Image.open(io.BytesIO(self.view(image))).copy()
 
     # --- prompts ----------------------------------------------------------------------------------
-    def queue(self, prompt: dict, client_id: str) -> str:
-        status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
+    def queue(self, prompt: dict, client_id: str, extra_data: dict | None = None) -> str:
+        """`extra_data` as the frontend sends it, e.g. {"extra_pnginfo": {"workflow": ...}} for SaveImage."""
+        request = {"prompt": prompt, "client_id": client_id, **({"extra_data": extra_data} if extra_data else {})}
+        status, body = self.post_json("/prompt", request)
         if status != 200:
             raise PromptRejected(status, body)
         return body["prompt_id"]
 
-    def run(self, prompt: dict, timeout: float = 300.0, on_message=None) -> PromptResult:
+    def run(self, prompt: dict, timeout: float = 300.0, on_message=None, extra_data: dict | None = None) -> PromptResult:
         """Queue `prompt`, follow the websocket until it finishes, return messages and /history outputs.
 
         `on_message(server, message)` is called for each JSON message of this prompt (e.g. to interrupt).
@@ -174,7 +176,7 @@ class ComfyServer:
         client_id = uuid.uuid4().hex
         ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=timeout)
         try:
-            prompt_id = self.queue(prompt, client_id)
+            prompt_id = self.queue(prompt, client_id, extra_data)
             messages: list[dict] = []
             status = ""
             deadline = time.monotonic() + timeout

@@ -1,12 +1,16 @@
 """`make demo`: generate an image with the embedded model through a real ComfyUI server.
 
-Starts ComfyUI on 127.0.0.1 with this pack, queues the text-to-image example workflow (API format) over
-`POST /prompt` with the embedded model's files and recommended settings, follows progress on the websocket,
-downloads the PNG through `/view`, saves it under output/ and prints its path, then stops the server.
+Starts ComfyUI on 127.0.0.1 with this pack, queues the embedded text-to-image example exactly as shipped
+(example_workflows/api/embedded_text_to_image.json: the embedded model's files and recommended settings) over
+`POST /prompt`, with its UI workflow as the frontend sends it, follows progress on the websocket, downloads the
+PNG through `/view` as SaveImage wrote it (with the "prompt" and "workflow" text chunks, so dropping it on the
+ComfyUI canvas gives the graph back), saves it and prints its path, then stops the server.
+docs/demo.png is this picture: `python -m devtools.demo --out docs/demo.png`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,35 +20,46 @@ import tempfile
 import time
 
 from devtools.comfy_server import ComfyServer
-from evaluation.embedded import DEMO_PROMPT, IMAGE_SIZE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, RECOMMENDED_T5_LENGTH
+from devtools.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOW = os.path.join(REPO, "example_workflows", "api", "flux_dev_text_to_image.json")
-PROMPT = DEMO_PROMPT
-# The embedded model's files (registered by the pack) and the settings it was trained for.
-EMBEDDED = {"FluxWorksModelLoader": {"model_name": "flux1-shapes-tiny.safetensors"},
-            "FluxWorksTextEncoderLoader": {"t5_name": "t5xxl_shapes_tiny.safetensors",
-                                           "clip_name": "clip_l_shapes_tiny.safetensors"},
-            "VAELoader": {"vae_name": "taef1_shapes_tiny.safetensors"},
-            "EmptySD3LatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1},
-            "FluxWorksTextEncode": {"prompt": PROMPT, "max_sequence_length": str(RECOMMENDED_T5_LENGTH)},
-            "FluxWorksGuidanceSchedule": {"start_value": RECOMMENDED_GUIDANCE, "end_value": RECOMMENDED_GUIDANCE,
-                                          "shape": "constant"},
-            "FluxWorksSampler": {"steps": RECOMMENDED_STEPS, "seed": 7},
-            "SaveImage": {"filename_prefix": "fluxworks_demo"}}
+EXAMPLE = "embedded_text_to_image"
+UI_WORKFLOW = os.path.join(REPO, "example_workflows", EXAMPLE + ".json")
+API_WORKFLOW = os.path.join(REPO, "example_workflows", "api", EXAMPLE + ".json")
+DEFAULT_OUT = os.path.join(REPO, "output", "fluxworks_demo.png")
 
 logger = logging.getLogger("fluxworks.demo")
 
 
-def demo_prompt() -> dict:
-    with open(WORKFLOW, encoding="utf-8") as f:
-        prompt = json.load(f)
-    for node in prompt.values():
-        node["inputs"].update(EMBEDDED.get(node["class_type"], {}))
-    return prompt
+def _read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
-def main() -> int:
+def write_demo(server: ComfyServer, path: str) -> str:
+    """Run the example on a started `server` and write its PNG, text chunks included, to `path`."""
+    prompt, workflow = _read(API_WORKFLOW), _read(UI_WORKFLOW)
+
+    def on_message(_server, message: dict) -> None:
+        if message["type"] == "progress":
+            logger.info("  step %d/%d", message["data"]["value"], message["data"]["max"])
+
+    logger.info("queueing %s", os.path.relpath(API_WORKFLOW, REPO))
+    result = server.run(prompt, on_message=on_message, extra_data={"extra_pnginfo": {"workflow": workflow}})
+    if result.status != "success":
+        errors = [m["data"] for m in result.messages if m["type"] == "execution_error"]
+        raise RuntimeError(f"the demo prompt failed ({result.status}): {errors}\n{server.log()[-3000:]}")
+    [save] = [k for k, n in prompt.items() if n["class_type"] == "SaveImage"]
+    [file] = result.outputs[save]["images"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(server.view(file))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="where to save the PNG")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = tempfile.mkdtemp(prefix="fluxworks-demo-")
     server = ComfyServer(root)
@@ -52,23 +67,13 @@ def main() -> int:
     try:
         logger.info("starting ComfyUI (CPU) ...")
         server.start()
-        logger.info("queueing %s", os.path.relpath(WORKFLOW, REPO))
-
-        def on_message(_server, message: dict) -> None:
-            if message["type"] == "progress":
-                logger.info("  step %d/%d", message["data"]["value"], message["data"]["max"])
-
-        result = server.run(demo_prompt(), on_message=on_message)
-        if result.status != "success":
-            logger.error("the prompt failed: %s\n%s", result.status, server.log()[-3000:])
-            return 1
-        [image] = server.images(result)
-        os.makedirs(os.path.join(REPO, "output"), exist_ok=True)
-        path = os.path.join(REPO, "output", "fluxworks_demo.png")
-        image.save(path)
-        logger.info("saved %s (%dx%d) in %.0f s", path, image.width, image.height, time.perf_counter() - started)
+        path = write_demo(server, args.out)
+        logger.info("saved %s in %.0f s", path, time.perf_counter() - started)
         print(path)  # noqa: T201 - the demo's one result, for scripts
         return 0
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -192,12 +192,10 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = Schedule(args.steps, args.batch, args.lr, deadline=time.monotonic() + args.time_limit, log_every=100,
                     checkpoint_every=math.inf)
-    ema = _train_loop("lora", params, EMA([transformer], decay=0.995), plan, 100, loss_at, None)
+    ema = _train_loop("lora", params, EMA([torch.nn.ParameterList(params)], decay=0.995), plan, 100, loss_at, None)
     with torch.no_grad():  # the averaged LoRA weights go into the adapter that is saved
-        averaged = dict(zip([n for n, _ in transformer.named_parameters()], ema.shadow, strict=True))
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_(averaged[name])
+        for p, averaged in zip(params, ema.shadow, strict=True):
+            p.copy_(averaged)
     with torch.no_grad():  # diamond pictures, the same noisy inputs without and with the LoRA
         losses = []
         for enabled in (False, True):

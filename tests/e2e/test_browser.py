@@ -1,4 +1,5 @@
-"""Headless Chromium on the ComfyUI page: drop the UI-format example, queue it, see the image and the guidance curve.
+"""Headless Chromium on the ComfyUI page: drop the UI-format example, queue it, see the image and the guidance curve;
+and, on a server with only the embedded model, pick every embedded-model template in the Templates browser and run it.
 
 Uses the system Chromium (Debian package `chromium`) through PyPI playwright; nothing is downloaded at test time.
 Screenshots go to test-artifacts/ for a person to look at.
@@ -6,6 +7,8 @@ Screenshots go to test-artifacts/ for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from tests.e2e.ui_workflows import (
     with_model_names,
     workflow_names,
 )
+from tests.e2e.workflows import EMBEDDED_PREFIX
 from tests.paths import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -50,15 +54,15 @@ SCREEN_GEOMETRY = f"""() => {{
 }}"""
 
 
-@pytest.fixture(scope="module")
-def page(comfy_server):
+@contextlib.contextmanager
+def browser_page(server):
+    """The ComfyUI page of `server` in headless Chromium, ready to use; fails on errors from our extensions."""
     if not os.path.isfile(CHROMIUM):
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     os.makedirs(ARTIFACTS, exist_ok=True)
-    copy_example_inputs(comfy_server.input_dir)
-    first_visit = not comfy_server.get_json("/settings").get("Comfy.TutorialCompleted")
+    first_visit = not server.get_json("/settings").get("Comfy.TutorialCompleted")
     started = time.monotonic()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -66,7 +70,7 @@ def page(comfy_server):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(f"{e}\n{e.stack}"))
         page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-        page.goto(comfy_server.url)
+        page.goto(server.url)
         page.wait_for_function("window.app?.graph && window.app.extensions?.some("
                                "e => e.name === 'FluxWorks.GuidanceCurve')", timeout=60_000)
         if first_visit:  # a new user gets the Templates browser over an empty graph: close it as a person would
@@ -79,6 +83,20 @@ def page(comfy_server):
         browser.close()
     ours = [e for e in errors if "guidance_curve" in e or "fluxworks" in e.lower()]
     assert not ours, ours
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    copy_example_inputs(comfy_server.input_dir)
+    with browser_page(comfy_server) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def embedded_page(embedded_server):
+    """The page of a server with no model files but the pack's embedded ones, as a new user has it."""
+    with browser_page(embedded_server) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +245,45 @@ def test_dropped_example_runs_and_draws_its_guidance_curve(page, comfy_server, o
 def test_frontend_queues_exactly_the_api_copy(page, name):
     page.evaluate("async (wf) => { await app.loadGraphData(wf); }", load_ui(name))
     assert page.evaluate("async () => (await app.graphToPrompt()).output") == load_api(name)
+
+
+def open_templates_browser(page):
+    """The Templates browser, opened from the sidebar as a person would (unless it is already open)."""
+    dialog = page.locator("[role=dialog]")
+    if not dialog.is_visible():
+        page.locator("button.templates-tab-button").click()
+    dialog.wait_for(state="visible", timeout=30_000)
+    return dialog
+
+
+@pytest.mark.parametrize("name", sorted(n for n in workflow_names() if n.startswith(EMBEDDED_PREFIX)))
+def test_embedded_template_runs_from_the_templates_browser_with_no_edit(embedded_page, embedded_server, name):
+    """A new user's first run: on a server with only the embedded model, pick the template under Templates ->
+    Extensions -> the pack, press Run, get the picture, and the PNG carries the workflow."""
+    page = embedded_page
+    [pack] = [p for p, names in embedded_server.get_json("/workflow_templates").items() if name in names]
+    workflow = load_ui(name)
+    [save] = [n for n in workflow["nodes"] if n["type"] == "SaveImage"]
+    prefix = save["widgets_values"][0]
+    dialog = open_templates_browser(page)
+    dialog.get_by_role("button", name=pack, exact=True).click()  # Extensions -> the pack's folder name
+    dialog.locator(f"[data-testid='template-workflow-{name}']").click()
+    dialog.wait_for(state="hidden", timeout=30_000)
+    page.wait_for_function(f"() => app.graph.nodes.length === {len(workflow['nodes'])} && app.graph.nodes.some("
+                           f"n => n.type === 'SaveImage' && n.widgets?.[0]?.value === {json.dumps(prefix)})",
+                           timeout=30_000)
+    assert page.evaluate("async () => (await app.graphToPrompt()).output") == load_api(name)  # nothing edited
+
+    page.locator("[data-testid=queue-button] button[aria-label=Run]").click()
+    page.wait_for_function(
+        f"""() => {{
+          const node = app.graph.getNodeById({save['id']});
+          return app.nodeOutputs?.["{save['id']}"]?.images?.length && node.imgs?.[0]?.complete && node.imgs[0].naturalWidth;
+        }}""", timeout=300_000)
+    page.screenshot(path=os.path.join(ARTIFACTS, f"template_{name}.png"))
+    [image_ref] = page.evaluate(f"() => app.nodeOutputs['{save['id']}'].images")
+    png = Image.open(io.BytesIO(embedded_server.view(image_ref)))
+    assert png.size == (128, 128) and np.asarray(png.convert("RGB")).std() > 10.0
+    saved = json.loads(png.info["workflow"])  # what SaveImage stored: the graph as the frontend had it
+    assert sorted((n["id"], n["type"]) for n in saved["nodes"]) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
+    assert json.loads(png.info["prompt"]) == load_api(name)

@@ -1,0 +1,403 @@
+"""Write the embedded-model examples: beside each real-weight example in example_workflows/, a twin that runs as
+shipped on a ComfyUI whose only models are the pack's embedded ones (embedded_model/).
+
+A twin keeps its example's graph and layout and changes what the embedded model needs: its files, its recommended
+settings (12 steps, guidance 2, T5 length 128, 128x128), a caption in its grammar, the example LoRA and
+ControlNet trained for it, and input pictures drawn with core nodes (EmptyImage + ImageCompositeMasked), since
+LoadImage reads only ComfyUI's own input/ folder, which a pack must not write into. Each twin is then run on a
+real server and its thumbnail (<name>.jpg, which the Templates browser shows) is made from its output.
+
+`core_model_scheduled_guidance` has no twin: ComfyUI core's UNETLoader builds every FLUX.1 with 24 heads of
+128 (width 3072), so it cannot load the 2-head embedded transformer (embedded_model/README.md).
+
+Usage: python -m devtools.embedded_examples   (rewrites example_workflows/embedded_*.json, their api/ copies
+and thumbnails; starts its own ComfyUI server on the CPU, about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from devtools.comfy_server import ComfyServer
+from devtools.paths import REPO
+from devtools.workflow_format import input_names, input_spec, ui_to_api, widget_names
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = os.path.join(REPO, "example_workflows")
+API_DIR = os.path.join(EXAMPLES_DIR, "api")
+PREFIX = "embedded_"
+# The embedded files, by the loader input that names them (the pack lists them in every ComfyUI).
+EMBEDDED_FILES = {
+    "model_name": "flux1-shapes-tiny.safetensors",
+    "t5_name": "t5xxl_shapes_tiny.safetensors",
+    "clip_name": "clip_l_shapes_tiny.safetensors",
+    "vae_name": "taef1_shapes_tiny.safetensors",
+}
+EMBEDDED_LORA = "flux1-shapes-tiny-lora-diamond.safetensors"
+EMBEDDED_CONTROLNET = "flux1-shapes-tiny-controlnet-canny.safetensors"
+SIZE = 128  # evaluation.embedded.IMAGE_SIZE, RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE, RECOMMENDED_T5_LENGTH
+STEPS, GUIDANCE, T5_LENGTH = 12, 2.0, "128"
+# True CFG with the twin's prompts, 4 seeds: adherence 1.0 at CFG 1.5, 0.85 at 2 (stray blotches), 0.6 at 2 with
+# the distilled guidance at 1 (docs/embedded_model.md measures the same fall with the negative "red").
+TRUE_CFG = 1.5
+THUMBNAIL_SCALE = 3  # 128 px outputs shown at 384 px, nearest neighbour, so the pixels stay sharp
+# Where a grid cell's centre is at 128 px (training.shapes.cell_centre): columns/rows at 21.3, 64, 106.7.
+CELL_CENTRES = {"left": 21.33, "center": 64.0, "right": 106.67}
+LARGE_SQUARE = 29  # side in pixels of a "large" square (2 x 0.9 x 16)
+
+Workflow = dict  # UI format (version 0.4)
+
+
+# --- editing UI-format workflows -------------------------------------------------------------------------
+
+def find(workflow: Workflow, node_type: str, title: str | None = None) -> dict:
+    """The one node of `node_type` (and `title`, when several share the type)."""
+    nodes = [n for n in workflow["nodes"] if n["type"] == node_type and (title is None or n.get("title") == title)]
+    if len(nodes) != 1:
+        raise ValueError(f"expected one {node_type} node{f' titled {title!r}' if title else ''}, found {len(nodes)}")
+    return nodes[0]
+
+
+def set_widgets(node: dict, object_info: dict, **values) -> None:
+    """Set widget values by name (the positions come from /object_info, as the frontend lays them out)."""
+    names = widget_names(object_info[node["type"]])
+    for name, value in values.items():
+        if name not in names:
+            raise KeyError(f"{node['type']} has no widget {name!r}; its widgets are {names}")
+        node["widgets_values"][names.index(name)] = value
+
+
+def add_node(workflow: Workflow, object_info: dict, node_type: str, pos: list[int], size: list[int],
+             title: str | None = None, **values) -> dict:
+    """A new node as the frontend saves one: socket inputs first (optional ones with shape 7), then one input
+    per widget, outputs from /object_info, widget values from the node's defaults and `values`."""
+    info = object_info[node_type]
+    inputs, widgets = [], {}
+    for name, required in input_names(info):
+        kind, options = input_spec(info, name)
+        if kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or options.get("forceInput"):
+            inputs.append({"localized_name": name, "name": name, **({} if required else {"shape": 7}),
+                           "type": kind, "link": None})
+        else:
+            widgets[name] = options.get("default", options.get("options", [None])[0])
+    optional = {name for name, required in input_names(info) if not required}
+    for name in widgets:
+        kind, _ = input_spec(info, name)
+        inputs.append({"localized_name": name, "name": name, **({"shape": 7} if name in optional else {}),
+                       "type": kind, "widget": {"name": name}, "link": None})
+    workflow["last_node_id"] += 1
+    node = {"id": workflow["last_node_id"], "type": node_type, "pos": pos, "size": size, "flags": {}, "order": 0,
+            "mode": 0, "inputs": inputs,
+            "outputs": [{"localized_name": name, "name": name, "type": kind, "links": []}
+                        for kind, name in zip(info["output"], info["output_name"], strict=True)],
+            **({"title": title} if title else {}), "properties": {"Node name for S&R": node_type},
+            "widgets_values": [widgets.get(name) for name in widget_names(info)]}
+    set_widgets(node, object_info, **values)
+    workflow["nodes"].append(node)
+    return node
+
+
+def _slot(node: dict, input_name: str) -> int:
+    for i, slot in enumerate(node["inputs"]):
+        if slot["name"] == input_name:
+            return i
+    raise KeyError(f"node {node['id']} ({node['type']}) has no input {input_name!r}")
+
+
+def connect(workflow: Workflow, source: dict, output: int, target: dict, input_name: str) -> None:
+    """Link `source`'s output to `target`'s input, replacing the link that input had."""
+    slot = _slot(target, input_name)
+    old = target["inputs"][slot]["link"]
+    if old is not None:
+        drop_link(workflow, old)
+    workflow["last_link_id"] += 1
+    link_id, kind = workflow["last_link_id"], source["outputs"][output]["type"]
+    workflow["links"].append([link_id, source["id"], output, target["id"], slot, kind])
+    source["outputs"][output]["links"] = [*(source["outputs"][output]["links"] or []), link_id]
+    target["inputs"][slot]["link"] = link_id
+
+
+def drop_link(workflow: Workflow, link_id: int) -> None:
+    [link] = [link for link in workflow["links"] if link[0] == link_id]
+    workflow["links"].remove(link)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = nodes[link[1]]["outputs"][link[2]]["links"]
+    links.remove(link_id)
+    nodes[link[3]]["inputs"][link[4]]["link"] = None
+
+
+def remove_node(workflow: Workflow, node: dict) -> None:
+    for link in [link for link in workflow["links"] if node["id"] in (link[1], link[3])]:
+        drop_link(workflow, link[0])
+    workflow["nodes"].remove(node)
+
+
+def set_order(workflow: Workflow) -> None:
+    """Number the nodes' `order` in an execution order (sources first), as the frontend saves it."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    parents = {i: {link[1] for link in workflow["links"] if link[3] == i} for i in nodes}
+    done: list[int] = []
+    while len(done) < len(nodes):
+        ready = sorted(i for i in nodes if i not in done and parents[i] <= set(done))
+        if not ready:
+            raise ValueError("the workflow has a cycle")
+        done += ready
+    for order, node_id in enumerate(done):
+        nodes[node_id]["order"] = order
+
+
+def set_group(workflow: Workflow, index: int, title: str, height: int | None = None) -> None:
+    group = workflow["groups"][index]
+    group["title"] = title
+    if height is not None:
+        group["bounding"][3] = height
+
+
+def use_embedded_files(workflow: Workflow, object_info: dict) -> None:
+    """Every loader names the embedded files; every latent is 128x128; every prompt is encoded at T5 length 128."""
+    for node in workflow["nodes"]:
+        names = widget_names(object_info[node["type"]])
+        files = {k: v for k, v in EMBEDDED_FILES.items() if k in names}
+        if files:
+            set_widgets(node, object_info, **files)
+        if node["type"] == "EmptySD3LatentImage":
+            set_widgets(node, object_info, width=SIZE, height=SIZE)
+        if node["type"] == "FluxWorksTextEncode":
+            set_widgets(node, object_info, max_sequence_length=T5_LENGTH)
+
+
+def draw_picture(workflow: Workflow, object_info: dict, x: int, y: int, background: int, colour: int,
+                 left: int, top: int, what: str) -> tuple[dict, int]:
+    """Core nodes that draw a square of `colour` at (left, top) on a 128x128 `background` (0xRRGGBB); returns
+    the node whose IMAGE output is the picture, and the y below the last node."""
+    canvas = add_node(workflow, object_info, "EmptyImage", [x, y], [320, 130], "Background",
+                      width=SIZE, height=SIZE, batch_size=1, color=background)
+    shape = add_node(workflow, object_info, "EmptyImage", [x, y + 200], [320, 130], "Large square",
+                     width=LARGE_SQUARE, height=LARGE_SQUARE, batch_size=1, color=colour)
+    picture = add_node(workflow, object_info, "ImageCompositeMasked", [x, y + 400], [320, 150], what,
+                       x=left, y=top, resize_source=False)
+    connect(workflow, canvas, 0, picture, "destination")
+    connect(workflow, shape, 0, picture, "source")
+    return picture, y + 400 + 150 + 70
+
+
+def corner(cell: str) -> int:
+    """Top-left pixel of a large square centred in a grid column or row ("left", "center", "right")."""
+    return round(CELL_CENTRES[cell] - LARGE_SQUARE / 2)
+
+
+# --- the twins -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Twin:
+    source: str  # the real-weight example it mirrors
+    edit: Callable[[Workflow, dict], None]
+    summary: str  # one line for example_workflows/README.md
+
+
+def _text_to_image(workflow: Workflow, object_info: dict) -> None:
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a large orange circle in the center, on a purple background")
+    set_widgets(find(workflow, "FluxWorksGuidanceSchedule"), object_info, start_value=GUIDANCE, end_value=GUIDANCE,
+                shape="constant")
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=7, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_text_to_image")
+    set_group(workflow, 1, "Prompt and guidance (2)")
+    set_group(workflow, 2, "Sample (12 steps)")
+
+
+def _few_steps(workflow: Workflow, object_info: dict) -> None:
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a small white star at the top right and a large blue square at the bottom left, "
+                       "on a black background")
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=3, steps=4, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_few_steps")
+    set_group(workflow, 1, "Prompt (T5 length 128)")
+    set_group(workflow, 2, "Sample (4 steps)")
+
+
+def _true_cfg(workflow: Workflow, object_info: dict) -> None:
+    set_widgets(find(workflow, "FluxWorksTextEncode", "Positive prompt"), object_info,
+                prompt="a large red star in the center, on a yellow background")
+    set_widgets(find(workflow, "FluxWorksTextEncode", "Negative prompt"), object_info,
+                prompt="a large red circle in the center, on a yellow background")
+    set_widgets(find(workflow, "FluxWorksGuidanceSchedule"), object_info, start_value=GUIDANCE, end_value=GUIDANCE,
+                cfg_scale=TRUE_CFG, cfg_start_percent=0.0, cfg_end_percent=0.5)
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=5, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_true_cfg")
+    set_group(workflow, 1, "Prompts (negative: a circle)")
+    set_group(workflow, 2, "True CFG 1.5 in the first half")
+
+
+def _img2img(workflow: Workflow, object_info: dict) -> None:
+    load, scale, encode = find(workflow, "LoadImage"), find(workflow, "ImageScale"), find(workflow, "VAEEncode")
+    x, y = load["pos"]
+    picture, below = draw_picture(workflow, object_info, x, y, 0x255AE1, 0xDC2626, corner("center"),
+                                  corner("center"), "Red square in the center")
+    remove_node(workflow, load)
+    remove_node(workflow, scale)
+    encode["pos"] = [x, below]
+    connect(workflow, picture, 0, encode, "pixels")
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a large yellow square in the center, on a blue background")
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=11, steps=STEPS, guidance=GUIDANCE,
+                denoise=0.75)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_img2img")
+    set_group(workflow, 1, "Input (core nodes)", below + 46 + 40 - 25)
+    set_group(workflow, 2, "Prompt and sample (denoise 0.75)")
+
+
+def _lora_stack(workflow: Workflow, object_info: dict) -> None:
+    rows = [{"lora": EMBEDDED_LORA, "strength": 1.0, "enabled": True}]
+    set_widgets(find(workflow, "FluxWorksLoraStack"), object_info, rows=json.dumps(rows, separators=(",", ":")))
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a large yellow diamond in the center, on a purple background")
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=1, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_lora")
+    set_group(workflow, 0, "Models, the diamond LoRA")
+    set_group(workflow, 1, "Apply the stack, prompt")
+
+
+def _controlnet(workflow: Workflow, object_info: dict) -> None:
+    load, canny, preview = find(workflow, "LoadImage"), find(workflow, "FluxWorksCannyEdges"), find(workflow,
+                                                                                                   "PreviewImage")
+    x, y = load["pos"]
+    picture, below = draw_picture(workflow, object_info, x, y, 0x000000, 0xFFFFFF, corner("right"), corner("left"),
+                                  "White square at the top right")
+    remove_node(workflow, load)
+    canny["pos"] = [x, below]
+    preview["pos"] = [x, below + 106 + 70]
+    connect(workflow, picture, 0, canny, "image")
+    set_widgets(find(workflow, "FluxWorksControlNetLoader"), object_info, control_net_name=EMBEDDED_CONTROLNET)
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a large yellow square in the center, on a blue background")
+    set_widgets(find(workflow, "FluxWorksControlNetApply"), object_info, strength=1.0, start_percent=0.0,
+                end_percent=1.0)
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=1, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_controlnet")
+    set_group(workflow, 1, "Control picture, edges", preview["pos"][1] + 300 + 20 - 25)
+    set_group(workflow, 2, "Prompt: center; edges: top right")
+
+
+TWINS: dict[str, Twin] = {
+    "embedded_text_to_image": Twin("flux_dev_text_to_image", _text_to_image,
+                                   "text to image at the recommended settings (the `make demo` picture)"),
+    "embedded_few_steps_text_to_image": Twin("flux_schnell_text_to_image", _few_steps,
+                                             "4 steps and no guidance curve, two shapes"),
+    "embedded_true_cfg_negative": Twin("flux_dev_true_cfg_negative", _true_cfg,
+                                       "true CFG 1.5 in the first half of the steps: a red star, with the negative "
+                                       "\"a large red circle ...\""),
+    "embedded_img2img": Twin("flux_dev_img2img", _img2img,
+                             "a red square drawn with core nodes, re-drawn yellow at denoise 0.75"),
+    "embedded_lora_stack": Twin("flux_dev_lora_stack", _lora_stack,
+                                f"the example LoRA `{EMBEDDED_LORA}`, which teaches the word \"diamond\""),
+    "embedded_controlnet_canny": Twin("flux_dev_controlnet_canny", _controlnet,
+                                      f"the example ControlNet `{EMBEDDED_CONTROLNET}`: Canny edges of a drawn "
+                                      "square move the shape the prompt puts in the center to the top right"),
+}
+
+
+def _read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def build_twin(name: str, object_info: dict) -> Workflow:
+    """The UI-format twin `name`, from its real-weight example and the server's /object_info."""
+    twin = TWINS[name]
+    workflow = copy.deepcopy(_read(os.path.join(EXAMPLES_DIR, twin.source + ".json")))
+    workflow["id"] = f"00000000-0000-0000-0000-{0xE0 + list(TWINS).index(name):012x}"
+    use_embedded_files(workflow, object_info)
+    twin.edit(workflow, object_info)
+    workflow["nodes"].sort(key=lambda n: n["id"])
+    set_order(workflow)
+    return workflow
+
+
+def embedded_only_server(root: str) -> ComfyServer:
+    """A CPU ComfyUI whose models tree is empty: the only models it lists are the pack's embedded ones."""
+    server = ComfyServer(root)
+    server.start()
+    return server
+
+
+def run_with_workflow(server: ComfyServer, prompt: dict, workflow: Workflow, timeout: float = 600.0):
+    """Queue `prompt` as the frontend does, with the UI workflow in extra_pnginfo so that SaveImage writes it
+    into the PNG next to the prompt."""
+    return server.run(prompt, timeout=timeout, extra_data={"extra_pnginfo": {"workflow": workflow}})
+
+
+def thumbnail(server: ComfyServer, result, workflow: Workflow) -> Image.Image:
+    """The output (and, where the workflow previews its edges, the edges left of it) scaled up for the browser."""
+    panels = []
+    for node_type in ("PreviewImage", "SaveImage"):
+        for node in (n for n in workflow["nodes"] if n["type"] == node_type):
+            panels += [server.view_image(f) for f in result.outputs[str(node["id"])]["images"]]
+    size = SIZE * THUMBNAIL_SCALE
+    sheet = Image.new("RGB", (size * len(panels), size))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (i * size, 0))
+    return sheet
+
+
+def write_examples(server: ComfyServer, names: list[str]) -> dict[str, str]:
+    """Write each twin (UI, API, thumbnail from its real output); returns name -> PNG path of the output."""
+    object_info = server.get_json("/object_info")
+    outputs = {}
+    for name in names:
+        workflow = build_twin(name, object_info)
+        prompt = ui_to_api(workflow, object_info)
+        _write(os.path.join(EXAMPLES_DIR, name + ".json"), workflow)
+        _write(os.path.join(API_DIR, name + ".json"), prompt)
+        result = run_with_workflow(server, prompt, workflow)
+        if result.status != "success":
+            raise RuntimeError(f"{name} failed on the server: {result.status}\n{server.log()[-3000:]}")
+        thumbnail(server, result, workflow).save(os.path.join(EXAMPLES_DIR, name + ".jpg"), quality=92)
+        [save] = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"]
+        [file] = result.outputs[save]["images"]
+        outputs[name] = os.path.join(server.output_dir, file["subfolder"], file["filename"])
+        logger.info("%s: written, ran, thumbnail from %s", name, outputs[name])
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=list(TWINS), help=f"twins to write (default: all of {list(TWINS)})")
+    parser.add_argument("--keep-outputs", default=None, help="copy each twin's output PNG (with its workflow) here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(TWINS))
+    if unknown:
+        parser.error(f"unknown twins {unknown}; known: {list(TWINS)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = tempfile.mkdtemp(prefix="fluxworks-examples-")
+    server = embedded_only_server(root)
+    try:
+        outputs = write_examples(server, args.names)
+        if args.keep_outputs:
+            os.makedirs(args.keep_outputs, exist_ok=True)
+            for name, path in outputs.items():
+                shutil.copyfile(path, os.path.join(args.keep_outputs, name + ".png"))
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
