@@ -37,10 +37,11 @@ def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Header:
-    """What a safetensors file says without reading its tensors: key names and metadata."""
+    """What a safetensors file says without reading its tensors: key names, shapes and metadata."""
 
     keys: tuple[str, ...]
     metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -49,7 +50,9 @@ def _header(path: str, size: int, mtime_ns: int) -> Header:
     invalidates the cache; only `path` is read)."""
     try:
         with safe_open(path, framework="pt") as f:
-            return Header(tuple(f.keys()), dict(f.metadata() or {}))
+            keys = tuple(f.keys())
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in keys}
+            return Header(keys, dict(f.metadata() or {}), shapes)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(
             f"{path} ({size} bytes) is not a readable safetensors file: {exc}. "
@@ -58,8 +61,8 @@ def _header(path: str, size: int, mtime_ns: int) -> Header:
 
 
 def read_header(path: str) -> Header:
-    """The keys and metadata of a safetensors file, read once per version of the file (pickers list many files
-    on every page load, and a T5-XXL file is ~10 GB: only its JSON header is read here)."""
+    """The keys, shapes and metadata of a safetensors file, read once per version of the file (pickers list many
+    files on every page load, and a T5-XXL file is ~10 GB: only its JSON header is read here)."""
     if not path.endswith(WEIGHT_SUFFIXES):
         raise ValueError(f"{path}: only .safetensors files are loaded (pickled .ckpt/.pt/.bin files are not safe)")
     try:

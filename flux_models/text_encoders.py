@@ -86,39 +86,71 @@ def describe_keys(keys: Iterable[str]) -> str:
     return "its first keys are " + ", ".join(keys[:4])
 
 
+# The sizes FLUX.1 was trained with (key under the encoder's root, width): T5-XXL's d_model 4096, CLIP-L's 768.
+# Pickers list files of these sizes first, so the default is a working one when a folder also holds e.g. CLIP-G.
+FLUX_WIDTHS = {T5: ("shared.weight", 4096), CLIP_L: (CLIP_TOKEN_MARKER, 768)}
+
+
+@dataclass(frozen=True)
+class TextEncoderFile:
+    """What a file in the text-encoder folders holds, from its header."""
+
+    kinds: frozenset[str]  # T5 and/or CLIP_L; empty for anything else
+    flux_sized: frozenset[str]  # those of `kinds` at FLUX.1's own width (see FLUX_WIDTHS)
+
+
+NOT_A_TEXT_ENCODER = TextEncoderFile(frozenset(), frozenset())
+
+
+def describe_text_encoder_header(header: files.Header) -> TextEncoderFile:
+    kinds = text_encoder_kinds(header.keys)
+    sized = set()
+    for kind in kinds:
+        root = t5_root(header.keys) if kind == T5 else clip_root(header.keys)
+        key, width = FLUX_WIDTHS[kind]
+        shape = header.shapes.get(root + key, ())
+        if shape and shape[-1] == width:
+            sized.add(kind)
+    return TextEncoderFile(kinds, frozenset(sized))
+
+
 @functools.lru_cache(maxsize=1024)
-def _file_kinds(path: str, size: int, mtime_ns: int) -> frozenset[str]:
+def _text_encoder_file(path: str, size: int, mtime_ns: int) -> TextEncoderFile:
     """Cached per version of the file (size, mtime), which also makes the log line below appear once."""
     try:
-        keys = files.read_header(path).keys
+        header = files.read_header(path)
     except (ValueError, OSError) as exc:
         logger.warning("FluxWorks text-encoder pickers leave out %s: %s", path, exc)
-        return frozenset()
-    kinds = text_encoder_kinds(keys)
-    if not kinds:
+        return NOT_A_TEXT_ENCODER
+    found = describe_text_encoder_header(header)
+    if not found.kinds:
         logger.warning("FluxWorks text-encoder pickers leave out %s: it is neither a T5 nor a CLIP-L text encoder; "
-                       "%s", path, describe_keys(keys))
-    return kinds
+                       "%s", path, describe_keys(header.keys))
+    return found
 
 
-def file_text_encoder_kinds(path: str) -> frozenset[str]:
-    """The text encoders a file holds, from its header only (see `text_encoder_kinds`); empty for files that
-    are unreadable, not safetensors, or something else (each logged once, with the reason)."""
+def text_encoder_file(path: str) -> TextEncoderFile:
+    """What a file holds, from its header only (see `text_encoder_kinds`); nothing for files that are
+    unreadable, not safetensors, or something else (each logged once, with the reason)."""
     if not path.endswith(files.WEIGHT_SUFFIXES):
         return _not_safetensors(path)
     try:
         stat = os.stat(path)
     except OSError as exc:
         logger.warning("FluxWorks text-encoder pickers leave out %s: %s", path, exc)
-        return frozenset()
-    return _file_kinds(path, stat.st_size, stat.st_mtime_ns)
+        return NOT_A_TEXT_ENCODER
+    return _text_encoder_file(path, stat.st_size, stat.st_mtime_ns)
+
+
+def file_text_encoder_kinds(path: str) -> frozenset[str]:
+    return text_encoder_file(path).kinds
 
 
 @functools.lru_cache(maxsize=1024)
-def _not_safetensors(path: str) -> frozenset[str]:
+def _not_safetensors(path: str) -> TextEncoderFile:
     logger.warning("FluxWorks text-encoder pickers leave out %s: only .safetensors files are loaded (pickled "
                    ".ckpt/.pt/.bin files can run code when loaded)", path)
-    return frozenset()
+    return NOT_A_TEXT_ENCODER
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:

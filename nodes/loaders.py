@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES, storage_and_compute
 from ..flux_models.files import preview_vae_name
 from ..flux_models.holders import FluxModel, FluxTextEncoder
-from ..flux_models.text_encoders import CLIP_L, T5, Tokenizers, file_text_encoder_kinds, load_clip_l, load_t5
+from ..flux_models.text_encoders import CLIP_L, T5, Tokenizers, load_clip_l, load_t5, text_encoder_file
 from ..flux_models.transformer import load_flux_transformer
 from . import host
 
@@ -46,12 +46,14 @@ def text_encoder_choices() -> dict[str, list[str]]:
     """{T5: [...], CLIP_L: [...]}: the files in the text_encoders folders by what their keys hold, read from each
     file's header once per version of the file. Unreadable files and files of other kinds are in neither list
     (logged once, with the reason), so neither picker offers a file its side cannot load; a merged file holding
-    both encoders is in both."""
-    out: dict[str, list[str]] = {T5: [], CLIP_L: []}
+    both encoders is in both. Files of FLUX.1's own sizes (T5-XXL, CLIP-L) come first, so the default (the first
+    entry) works even beside e.g. SDXL's CLIP-G; then the user's folders before the embedded model's."""
+    out: dict[str, list[tuple[bool, str]]] = {T5: [], CLIP_L: []}
     for name in host.filename_list("text_encoders"):
-        for kind in sorted(file_text_encoder_kinds(host.full_path("text_encoders", name))):
-            out[kind].append(name)
-    return out
+        found = text_encoder_file(host.full_path("text_encoders", name))
+        for kind in found.kinds:
+            out[kind].append((kind not in found.flux_sized, name))
+    return {kind: [name for _, name in sorted(entries, key=lambda e: e[0])] for kind, entries in out.items()}
 
 
 _WHICH = {T5: ("t5_name", "a T5-XXL text encoder (t5xxl_*.safetensors)"),

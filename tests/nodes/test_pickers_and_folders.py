@@ -59,6 +59,31 @@ def test_each_text_encoder_picker_lists_only_its_kind(pack, text_encoder_dir):  
     assert loader.VALIDATE_INPUTS(t5_names[0], clip_names[0]) is True
 
 
+def test_files_of_flux_sizes_come_first(pack, folder_paths, tmp_path):  # noqa: F811
+    """A folder that also holds SDXL's CLIP-G (sorted before clip_l) and a T5 of another width: the defaults are
+    still CLIP-L and T5-XXL. Only the widths matter here (read from the header), so the vocabularies are cut."""
+    layer = "encoder.layers.0.self_attn.q_proj.weight"
+    t5_layer = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    for name, state in (
+        ("clip_g.safetensors", {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 1280),
+                                "text_model." + layer: torch.zeros(1, 1)}),
+        ("clip_l.safetensors", {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 768),
+                                "text_model." + layer: torch.zeros(1, 1)}),
+        ("t5_base.safetensors", {"shared.weight": torch.zeros(4, 768), t5_layer: torch.zeros(1, 1)}),
+        ("t5xxl_fp16.safetensors", {"shared.weight": torch.zeros(4, 4096), t5_layer: torch.zeros(1, 1)}),
+    ):
+        save_file(state, str(tmp_path / name))
+    paths = folder_paths.folder_names_and_paths["text_encoders"][0]
+    paths.insert(0, str(tmp_path))
+    try:
+        required = pack.nodes.loaders.FluxWorksTextEncoderLoader.INPUT_TYPES()["required"]
+    finally:
+        paths.remove(str(tmp_path))
+    assert required["clip_name"][0][:2] == ["clip_l.safetensors", "clip_g.safetensors"]
+    assert required["t5_name"][0][:2] == ["t5xxl_fp16.safetensors", "t5_base.safetensors"]
+    assert required["t5_name"][0][-1] == EMBEDDED["text_encoders"]  # the user's files before the embedded one
+
+
 def test_swapped_or_unlisted_text_encoders_are_refused_with_the_fix(pack, text_encoder_dir):  # noqa: F811
     validate = pack.nodes.loaders.FluxWorksTextEncoderLoader.VALIDATE_INPUTS
     swapped = validate("clip_hf/model.safetensors", "t5xxl_fp16_test.safetensors")
