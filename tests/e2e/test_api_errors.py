@@ -118,8 +118,9 @@ def test_size_not_a_multiple_of_16(comfy_server, seeds):
 
 
 def test_zero_steps(comfy_server, seeds):
-    message = _error_message(comfy_server, _prompt(comfy_server, seeds, steps=0))
-    assert "steps must be at least 1" in message
+    """The sampler's steps widget has min 1, so ComfyUI's validation refuses 0 before anything runs."""
+    message = _rejected(comfy_server, _prompt(comfy_server, seeds, steps=0))
+    assert "Value 0 smaller than min of 1" in message and '"steps"' in message
     _good_prompt_succeeds(comfy_server, seeds)
 
 
