@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fluxworks.flux_models.text_encoders import CLIP_MAX_LENGTH, Tokenizers
+from fluxworks.flux_models.text_encoders import CLIP_HEADS_KEY, CLIP_MAX_LENGTH, Tokenizers
 
 T5_WIDTH = 64
 CLIP_WIDTH = 64  # CLIP text towers use 64-wide heads: one head at this width
@@ -109,5 +109,6 @@ def export_text_encoders(t5, clip, folder: str, t5_name: str, clip_name: str,
     clip_state["text_projection.weight"] = torch.eye(CLIP_WIDTH, dtype=dtype)  # unused by FLUX.1 (pooled only)
     t5_path, clip_path = os.path.join(folder, t5_name), os.path.join(folder, clip_name)
     save_file(t5_state, t5_path)
-    save_file(clip_state, clip_path)
+    # The tower is narrower than any released CLIP-L, so its head count must be stated for loaders to build it right.
+    save_file(clip_state, clip_path, metadata={CLIP_HEADS_KEY: str(clip.config.num_attention_heads)})
     return t5_path, clip_path
