@@ -54,48 +54,56 @@ SCREEN_GEOMETRY = f"""() => {{
 }}"""
 
 
-@contextlib.contextmanager
-def browser_page(server):
-    """The ComfyUI page of `server` in headless Chromium, ready to use; fails on errors from our extensions."""
+@pytest.fixture(scope="module")
+def playwright():
+    """One Playwright driver for the module: its sync API runs an event loop, so two at once in one thread fail."""
     if not os.path.isfile(CHROMIUM):
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def browser_page(playwright, server):
+    """The ComfyUI page of `server` in headless Chromium, ready to use; fails on errors from our extensions."""
     os.makedirs(ARTIFACTS, exist_ok=True)
     first_visit = not server.get_json("/settings").get("Comfy.TutorialCompleted")
     started = time.monotonic()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(f"{e}\n{e.stack}"))
-        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-        page.goto(server.url)
-        page.wait_for_function("window.app?.graph && window.app.extensions?.some("
-                               "e => e.name === 'FluxWorks.GuidanceCurve')", timeout=60_000)
-        if first_visit:  # a new user gets the Templates browser over an empty graph: close it as a person would
-            dialog = page.locator("[role=dialog]")
-            dialog.wait_for(state="visible", timeout=30_000)
-            dialog.locator("button:has(i.pi-times)").click()  # the dialog's close (X) button
-            dialog.wait_for(state="hidden", timeout=10_000)
-        logger.info("ComfyUI page ready in %.1fs", time.monotonic() - started)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"{e}\n{e.stack}"))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(server.url)
+    page.wait_for_function("window.app?.graph && window.app.extensions?.some("
+                           "e => e.name === 'FluxWorks.GuidanceCurve')", timeout=60_000)
+    if first_visit:  # a new user gets the Templates browser over an empty graph: close it as a person would
+        dialog = page.locator("[role=dialog]")
+        dialog.wait_for(state="visible", timeout=30_000)
+        dialog.locator("button:has(i.pi-times)").click()  # the dialog's close (X) button
+        dialog.wait_for(state="hidden", timeout=10_000)
+    logger.info("ComfyUI page ready in %.1fs", time.monotonic() - started)
+    try:
         yield page
+    finally:
         browser.close()
     ours = [e for e in errors if "guidance_curve" in e or "fluxworks" in e.lower()]
     assert not ours, ours
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server):
+def page(playwright, comfy_server):
     copy_example_inputs(comfy_server.input_dir)
-    with browser_page(comfy_server) as page:
+    with browser_page(playwright, comfy_server) as page:
         yield page
 
 
 @pytest.fixture(scope="module")
-def embedded_page(embedded_server):
+def embedded_page(playwright, embedded_server):
     """The page of a server with no model files but the pack's embedded ones, as a new user has it."""
-    with browser_page(embedded_server) as page:
+    with browser_page(playwright, embedded_server) as page:
         yield page
 
 
