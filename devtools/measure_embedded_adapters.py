@@ -169,10 +169,14 @@ def nearest_shape(features, prototypes: dict[str, tuple[float, float, float]]) -
     return min(prototypes, key=lambda s: float(np.sum((FEATURE_WEIGHTS * (f - np.array(prototypes[s]))) ** 2)))
 
 
-def measure_lora(server: ComfyServer, count: int, seed: int) -> dict:
+def measure_lora(server: ComfyServer, count: int, seed: int, strength: float | None = None) -> dict:
+    """`strength`: the LoRA row's strength (default: the example's)."""
     example = _load_api(LORA_EXAMPLE)
     stack = _node(example, "FluxWorksLoraStack")
     rows = json.loads(example[stack]["inputs"]["rows"])
+    if strength is not None:
+        rows = [{**r, "strength": strength} for r in rows]
+        example[stack]["inputs"]["rows"] = json.dumps(rows, separators=(",", ":"))
     off = copy.deepcopy(example)
     off[stack]["inputs"]["rows"] = json.dumps([{**r, "enabled": False} for r in rows], separators=(",", ":"))
     prototypes = vae_prototypes(40, seed)
@@ -206,7 +210,8 @@ def measure_lora(server: ComfyServer, count: int, seed: int) -> dict:
             "adherence_on_ordinary_captions": float(np.mean(scores[label])),
         } for label in ("with", "without")
     }
-    return {"trials": count, "prototypes": prototypes, "summary": summary, "records": records,
+    return {"trials": count, "strength": rows[0]["strength"], "prototypes": prototypes, "summary": summary,
+            "records": records,
             "ordinary_captions": ordinary, "ordinary_scores": scores}
 
 
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--only", choices=("controlnet", "lora"), default=None)
+    parser.add_argument("--lora-strength", type=float, default=None, help="default: the example's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = tempfile.mkdtemp(prefix="fluxworks-measure-")
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             report["controlnet"] = measure_controlnet(server, args.trials, args.seed)
             logger.info("controlnet: %s", report["controlnet"]["summary"])
         if args.only in (None, "lora"):
-            report["lora"] = measure_lora(server, args.trials, args.seed)
+            report["lora"] = measure_lora(server, args.trials, args.seed, args.lora_strength)
             logger.info("lora: %s", report["lora"]["summary"])
     finally:
         server.stop()
