@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -364,4 +365,14 @@ def test_a_non_finite_controlnet_setting_is_refused_by_name(comfy_server, seeds,
     message = _error_message(comfy_server, _controlled(comfy_server, seeds, pixel_controlnet, images=1,
                                                        **{field: math.nan}))
     assert f"FluxWorksControlNetApply: {field} is nan; it must be a finite number" in message
+    _good_prompt_succeeds(comfy_server, seeds)
+
+
+def test_an_impossible_size_is_refused_before_sampling(comfy_server, seeds):
+    """16384x16384 (the largest size EmptySD3LatentImage allows): the sampler refuses it with its memory estimate
+    and the fix before any transformer call, instead of growing the server until it is killed."""
+    started = time.monotonic()
+    message = _error_message(comfy_server, _prompt(comfy_server, seeds, width=16384, height=16384))
+    assert "16384x16384 at batch 1" in message and "GiB" in message and "lower width/height" in message, message
+    assert time.monotonic() - started < 60  # refused up front, not after minutes of sampling
     _good_prompt_succeeds(comfy_server, seeds)
