@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -326,13 +327,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def start_comfy(folder: str, device: str) -> None:
-    """bench.report.start_comfy, then core's tqdm bar off (console noise, the same for every core row)."""
-    from fluxworks.bench.report import start_comfy as start
-
-    start(folder, device)
+    """ComfyUI as a library, set up as its launcher does: its argument parser reads sys.argv (--cpu for the CPU)
+    when comfy.model_management is first imported, so this runs before anything imports the pack or core."""
+    sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
+    try:
+        import comfy.options
+    except ImportError as exc:
+        raise SystemExit(f"ComfyUI is not importable: put its folder on PYTHONPATH (PYTHONPATH={folder})") from exc
+    comfy.options.enable_args_parsing()
     import comfy.utils
 
-    comfy.utils.set_progress_bar_enabled(False)
+    from fluxworks.bench.report import check_comfy
+
+    check_comfy(folder)
+    comfy.utils.set_progress_bar_enabled(False)  # core's tqdm bar: console noise, the same for every core row
 
 
 def capture_logs() -> LogCapture:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import torch
 
@@ -45,18 +44,3 @@ def check_comfy(folder: str) -> None:
         raise SystemExit(f"`import nodes` finds {where}, not ComfyUI's nodes.py in {found}: the repository root is on "
                          "sys.path ahead of ComfyUI. Run the script by its path, with only ComfyUI and the folder "
                          "holding the fluxworks link on PYTHONPATH")
-
-
-def start_comfy(folder: str, device: str) -> None:
-    """ComfyUI as a library, set up as its launcher does: its argument parser reads sys.argv (--cpu for the CPU)
-    when comfy.model_management is first imported, which importing anything under `fluxworks` does; so this runs
-    before any of those imports. Checks that the ComfyUI on PYTHONPATH is `folder` (check_comfy)."""
-    sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
-    try:
-        import comfy.options
-    except ImportError as exc:
-        raise SystemExit(f"ComfyUI is not importable: put its folder on PYTHONPATH (PYTHONPATH={folder})") from exc
-    comfy.options.enable_args_parsing()
-    import comfy.model_management  # noqa: F401 - parses the arguments set above
-
-    check_comfy(folder)

@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import gc
 import os
+import sys
 import time
 import traceback
 from dataclasses import asdict, replace
@@ -237,10 +238,20 @@ def options_record(options) -> dict:
 
 
 def start_comfy(folder: str, device: str) -> None:
-    """bench.report.start_comfy (ComfyUI's arguments parsed before anything imports the pack)."""
-    from fluxworks.bench.report import start_comfy as start
+    """ComfyUI as a library, set up as its launcher does: its argument parser reads sys.argv (--cpu for the CPU)
+    when comfy.model_management is first imported, which importing anything under `fluxworks` does; so this runs
+    before any of those imports."""
+    sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
+    try:
+        import comfy.options
+    except ImportError as exc:
+        raise SystemExit(f"ComfyUI is not importable: put its folder on PYTHONPATH (PYTHONPATH={folder})") from exc
+    comfy.options.enable_args_parsing()
+    import comfy.model_management  # noqa: F401 - parses the arguments set above
 
-    start(folder, device)
+    from fluxworks.bench.report import check_comfy
+
+    check_comfy(folder)
 
 
 # --- the benchmark -------------------------------------------------------------------------------------------------
