@@ -1,24 +1,29 @@
 """The shipped embedded model: its files are in FLUX.1's real formats and small, and on a CPU it draws
-held-out captions (never trained on) that the evaluator can check for colour, shape, size and position,
-sampling through flux_sampler with the files loaded by flux_models."""
+test captions (held out of training, and never used to choose settings) that the evaluator can check for
+colour, shape, size, position and extra objects, sampling through flux_sampler with the files loaded by
+flux_models."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from safetensors import safe_open
 
 from evaluation.adherence import Adherence, score_image, summarise
-from evaluation.benchmark import CAPTION_SEED, NOISE_SEED
 from evaluation.embedded import EMBEDDED_DIR, FILES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from evaluation.splits import noise_seeds, test_captions
 from fluxworks.flux_sampler.guidance import GuidanceCurve
-from training.shapes import held_out_captions
 
 CI_CAPTIONS = 8
 MAX_TOTAL_BYTES = 30_000_000
-TARGET = 0.75  # issue 5: 8 held-out captions on a CPU score at least 75 % (the model scores 96 % over 50)
+# The first 8 test captions from their noise seeds (noise_seeds(8)) score MEASURED at the recommended settings
+# on the CPU (docs/bench/embedded_eval_2026-12-01_test.json, evaluator v2). Over 10 noise-seed sets
+# (noise_seeds(8, r), r = 0..9) their mean varies with a standard deviation of SPREAD (range 93.1-98.6 %);
+# the floor sits 2.9 spreads below the measurement.
+MEASURED = 0.958
+SPREAD = 0.020
+TARGET = 0.90
 
 
 def _keys(role: str) -> dict[str, tuple[int, ...]]:
@@ -41,18 +46,14 @@ def test_files_are_in_flux1_layouts_and_small():
 
 
 @pytest.fixture(scope="module")
-def ci_results(embedded_pipeline) -> tuple[list[Adherence], float]:
-    captions = held_out_captions(CI_CAPTIONS, CAPTION_SEED)
-    start = time.monotonic()
-    images = embedded_pipeline.generate(captions, [NOISE_SEED + i for i in range(len(captions))],
-                                        RECOMMENDED_STEPS, GuidanceCurve.constant(RECOMMENDED_GUIDANCE))
-    seconds = time.monotonic() - start
-    return [score_image(img, cap) for img, cap in zip(images, captions, strict=True)], seconds
+def ci_results(embedded_pipeline) -> list[Adherence]:
+    captions = test_captions(CI_CAPTIONS)
+    images = embedded_pipeline.generate(captions, noise_seeds(CI_CAPTIONS), RECOMMENDED_STEPS,
+                                        GuidanceCurve.constant(RECOMMENDED_GUIDANCE))
+    return [score_image(img, cap) for img, cap in zip(images, captions, strict=True)]
 
 
-def test_held_out_captions_reach_the_adherence_target(ci_results):
-    results, seconds = ci_results
-    summary = summarise(results)
-    assert summary["adherence"] >= TARGET, [(r.caption, round(r.score, 2)) for r in results]
+def test_test_captions_reach_the_adherence_floor(ci_results):
+    summary = summarise(ci_results)
+    assert summary["adherence"] >= TARGET, [(r.caption, round(r.score, 2), r.extra_objects) for r in ci_results]
     assert summary["background"] == 1.0 and summary["colour"] >= 0.9
-    assert seconds < 120, f"8 captions took {seconds:.0f} s on this CPU"
