@@ -46,7 +46,7 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core_sampling_
 CACHE_KINDS = ("EasyCache", "LazyCache")
 # Core's node defaults (comfy_extras/nodes_easycache.py): reuse between 15 % and 95 % of the schedule.
 DEFAULT_START, DEFAULT_END = 0.15, 0.95
-SWEEP_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)  # around core's default 0.2
+SWEEP_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)  # around core's default 0.2, from little reuse to most steps
 SWEEP_STEPS = 28  # the step count of the FluxWorks step-cache rows in docs/embedded_model.md
 
 
@@ -188,6 +188,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     thresholds = [float(t) for t in args.thresholds.split(",")]
     caches = [CoreCache(kind, t) for kind in CACHE_KINDS for t in thresholds]
+    # EasyCache as fp32 core runs it, without the input copy: shows what the in-place update does.
+    caches.append(CoreCache("EasyCache", 0.2, copy_input=False))
     pipeline = EmbeddedPipeline.load((args.clip_tokenizer, args.t5_tokenizer), device=args.device)
     report = core_cache_report(pipeline, split_captions(args.split, args.captions), args.steps, caches,
                                args.guidance, args.device)

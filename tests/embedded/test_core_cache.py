@@ -18,8 +18,9 @@ CAPTIONS = validation_captions(2)
 SEEDS = noise_seeds(len(CAPTIONS))
 STEPS = 8
 GUIDANCE = 2.0
-# Measured 2026-12-01 (CPU, fp32): core KSampler "simple" vs FluxWorks, final latents, max rel. error 3.4e-4
-# at 12 steps over 3 captions (core's simple schedule reads sigmas from a 10000-entry table, ours computes them).
+# Measured 2026-12-01 (CPU, fp32): core KSampler "simple" vs FluxWorks, final latents, max rel. error 7.5e-4
+# over 50 validation captions at 28 steps (docs/bench/embedded_eval_2026-12-01_core_cache.json; core's simple schedule
+# reads its sigmas from a 10000-entry table, ours computes them).
 PARITY_TOLERANCE = 1e-3
 CACHES = [None, CoreCache("EasyCache", 0.5), CoreCache("LazyCache", 0.5),
           CoreCache("EasyCache", 0.5, copy_input=False)]
