@@ -8,9 +8,9 @@ Scored as a detector is, over attribute checks:
 - precision: of the attributes the picture shows, the fraction the caption asks for. The picture shows its
   background plus colour, shape, size and position of every object seen in it. Every connected region of a
   non-background colour (at least MIN_OBJECT_AREA pixels after a 3x3 opening, centred at least EDGE_MARGIN
-  from the edge) is an object; per caption object
-  the largest region of its colour explains it, every other region (a stray blob, a duplicate, a shape in a
-  colour the caption never names) is an extra object, whose four attributes the caption does not ask for.
+  from the edge) is an object; per caption object the largest region of its colour explains it, every other
+  region (a stray blob, a duplicate, a shape in a colour the caption never names) is an extra object, whose
+  four attributes the caption does not ask for.
 An image's score is their harmonic mean (F1). With every caption object found and nothing extra, precision
 equals recall and so does the score; each extra object lowers it, so the right scene plus junk cannot score
 100 %.
