@@ -132,7 +132,14 @@ def css_point(page, node_type: str, x: float, y: float) -> tuple[float, float]:
 
 
 def click_widget(page, node_type: str, name: str, where: str) -> None:
-    """Click a widget as a person does: its right arrow ("right") or its middle ("middle")."""
+    """Click a widget as a person does: its right arrow ("right") or its middle ("middle").
+
+    The canvas is redrawn first (a widget's position is where it was last drawn) and the click waits out
+    LiteGraph's 300 ms double-click window: two quick clicks on one spot are a double click, which opens the
+    number prompt instead of stepping the value (seen on a fast CI machine).
+    """
+    page.evaluate("() => app.canvas.setDirty(true, true)")
+    page.wait_for_timeout(400)
     w = widget(page, node_type, name)
     width = evaluate_on(page, node_type, "(node) => node.size[0]")
     x = width - 22 if where == "right" else width / 2
