@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.paths import REPO
 
-CORE_PACKAGES = ("flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet")
+CORE_PACKAGES = ("flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet", "flux_training")
 
 BLOCKER = """
 import importlib, sys
