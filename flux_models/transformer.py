@@ -129,17 +129,26 @@ def _describe_non_flux(state: dict[str, torch.Tensor]) -> str:
     return "first keys: " + ", ".join(keys[:5])
 
 
+def _weight_files_and_config(path: str) -> tuple[list[str], dict]:
+    """The safetensors files holding a FLUX.1 transformer (one file, or a diffusers folder's shards) and the
+    folder's config.json ({} for a single file)."""
+    if not os.path.isdir(path):
+        return [path], {}
+    folder = files.resolve_diffusers_transformer_folder(path)
+    config_path = os.path.join(folder, "config.json")
+    folder_config = files.read_json(config_path) if os.path.isfile(config_path) else {}
+    return files.diffusers_weight_files(folder), folder_config
+
+
 def state_dict_from_path(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Diffusers-layout FLUX.1 weights (+ folder config, if any) from a file or a diffusers folder."""
-    folder_config: dict = {}
-    if os.path.isdir(path):
-        folder = files.resolve_diffusers_transformer_folder(path)
-        config_path = os.path.join(folder, "config.json")
-        if os.path.isfile(config_path):
-            folder_config = files.read_json(config_path)
-        state = files.load_many(files.diffusers_weight_files(folder))
-    else:
-        state = files.load_safetensors(path)
+    weight_files, folder_config = _weight_files_and_config(path)
+    return _as_diffusers(files.load_many(weight_files), path)[0], folder_config
+
+
+def _as_diffusers(state: dict[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(diffusers-layout weights, the layout they were stored in: 'bfl' or 'diffusers'), prefix stripped and
+    scaled fp8 folded in; a file of another kind raises ValueError naming `path` and what it looks like."""
     state = dequantize_scaled_fp8(strip_prefix(state))
     layout = detect_layout(state)
     if layout == "bfl":
@@ -152,7 +161,7 @@ def state_dict_from_path(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             f"{path} is not a FLUX.1 transformer: expected BFL keys like 'double_blocks.0.img_attn.qkv.weight' "
             f"or diffusers keys like 'x_embedder.weight'; {_describe_non_flux(state)}"
         )
-    return state, folder_config
+    return state, layout
 
 
 def build_transformer(state: dict[str, torch.Tensor], config: FluxConfig, dtype: torch.dtype,
@@ -204,3 +213,46 @@ def load_flux_transformer(path: str, weight_dtype: str, default_compute: torch.d
         config.num_attention_heads * config.attention_head_dim, storage, compute,
     )
     return model, config, compute
+
+
+@dataclass(frozen=True)
+class FluxFile:
+    """A FLUX.1 transformer on disk as its headers describe it, before any weight is read: which files hold it,
+    the layout they use, the architecture and the metadata. For runtimes other than diffusers (ComfyUI core's
+    own FLUX model), which take the weights in their stored layout and need the architecture given to them."""
+
+    path: str
+    weight_files: tuple[str, ...]
+    layout: str  # "bfl" (also ComfyUI's) or "diffusers", as stored
+    config: FluxConfig
+    metadata: dict[str, str]  # the safetensors metadata (a sharded folder's, merged)
+
+    def load_state(self) -> dict[str, torch.Tensor]:
+        """The weights as stored (file dtypes, scaled-fp8 scales kept), without a checkpoint prefix."""
+        return strip_prefix(files.load_many(self.weight_files))
+
+
+def read_flux_file(path: str) -> FluxFile:
+    """Read a FLUX.1 transformer's architecture from its safetensors headers alone (shapes and key names, no
+    weights), with the same checks and messages as `load_flux_transformer`, so a wrong, truncated or foreign file
+    is refused, naming it, before gigabytes are read. Any width, head count and depth; the RoPE axes come from a
+    diffusers folder's config.json when it has them, else from the head width (`_axes_for`)."""
+    weight_files, folder_config = _weight_files_and_config(path)
+    shapes: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for weight_file in weight_files:
+        header = files.read_header(weight_file)
+        metadata.update(header.metadata)
+        shapes.update({k: torch.empty(s, device="meta") for k, s in header.shapes.items()})
+    state, layout = _as_diffusers(shapes, path)
+    axes = folder_config.get("axes_dims_rope")
+    try:
+        config = infer_config(state, tuple(axes) if axes else None)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    declared = folder_config.get("num_attention_heads")
+    if declared is not None and declared != config.num_attention_heads:
+        raise ValueError(f"{path}: config.json says num_attention_heads {declared}, but the weights have "
+                         f"{config.num_attention_heads} heads of width {config.attention_head_dim}: the config "
+                         "belongs to another model; fix or delete it")
+    return FluxFile(path, tuple(weight_files), layout, config, metadata)

@@ -39,6 +39,14 @@ Relied on, per internal:
 - `comfy/sd1_tokenizer` and `comfy/text_encoders/t5_tokenizer` beside `comfy/utils.py`: the tokenizer files.
 - `folder_paths.folder_names_and_paths[key] = ([paths], extensions)`, with `filter_files_extensions` listing
   every file when `extensions` is empty: FluxWorks-only folder keys (PACK_FOLDERS) are created with a filter.
+- The steps of `comfy.sd.load_diffusion_model_state_dict` (core_flux_model): `model_detection.model_config_from_unet(
+  state, "", metadata=)` gives a supported_models config (Flux, FluxSchnell, FluxInpaint) whose `unet_config` holds
+  FluxParams' fields (`num_heads` and `axes_dim` fixed for width 3072) and reads `scaled_fp8` / per-layer
+  quantization; `model_detection.convert_diffusers_mmdit(state, "")` turns diffusers keys into BFL ones for any
+  width; `utils.calculate_parameters`, `utils.weight_dtype`, `mm.unet_dtype(model_params=, supported_dtypes=,
+  weight_dtype=)`, `mm.unet_manual_cast(dtype, device, supported)`, the config's `supported_inference_dtypes`,
+  `layer_quant_config`, `optimizations["fp8"]`, `set_inference_dtype`, `get_model(state, "")`,
+  `process_unet_state_dict`, and `BaseModel.load_model_weights(state, "")`; UNETLoader's weight_dtype choices.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import comfy.float
 import comfy.latent_formats
 import comfy.lora
+import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.taesd.taesd
@@ -63,6 +72,7 @@ from comfy.weight_adapter import WeightAdapterBase
 
 from ..flux_lora import add_deltas, summed_delta
 from ..flux_models.holders import FluxModel, FluxTextEncoder
+from ..flux_models.transformer import FluxConfig, FluxFile
 from ..flux_sampler.latents import LATENT_CHANNELS
 from ..flux_speed.prepare import transformer_blocks
 
@@ -455,6 +465,81 @@ def add_lora_patches(patcher, patches: dict, strength: float, source: str) -> in
     """Add one LoRA's deltas (weight key -> flux_lora adapters) as weight patches at `strength`; returns how many
     keys the model took (every key should be one of its weights)."""
     return len(patcher.add_patches({k: FluxWorksDelta(v, source) for k, v in patches.items()}, strength))
+
+
+# --- core MODEL from any FLUX.1 file ------------------------------------------------------------------------
+
+# Core UNETLoader's weight_dtype choices and the model_options each sets (nodes.py, UNETLoader.load_unet).
+CORE_WEIGHT_DTYPES = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
+
+
+def core_flux_geometry(config: FluxConfig) -> dict:
+    """The FLUX.1 fields of core's unet_config (comfy.ldm.flux.model.FluxParams) for a FluxConfig read from the
+    weights. Core packs 2x2 latent patches (in_channels 16 where diffusers says 64)."""
+    patch = 2
+    return {
+        "in_channels": config.in_channels // (patch * patch),
+        "out_channels": config.out_channels // (patch * patch),
+        "patch_size": patch,
+        "hidden_size": config.num_attention_heads * config.attention_head_dim,
+        "num_heads": config.num_attention_heads,
+        "depth": config.num_layers,
+        "depth_single_blocks": config.num_single_layers,
+        "axes_dim": list(config.axes_dims_rope),
+        "context_in_dim": config.joint_attention_dim,
+        "vec_in_dim": config.pooled_projection_dim,
+        "guidance_embed": config.guidance_embeds,
+    }
+
+
+def core_flux_model(flux_file: FluxFile, weight_dtype: str):
+    """A core MODEL (ModelPatcher around comfy.model_base.Flux) for any FLUX.1 transformer FluxWorks reads.
+
+    Core's `comfy.sd.load_diffusion_model_state_dict` takes no architecture: its detection
+    (`model_detection.detect_unet_config`) fixes 24 heads and RoPE axes (16, 56, 56), so only width 3072 builds.
+    Here core still detects everything else (the variant class: dev, schnell or Fill; scaled fp8; per-layer
+    quantization metadata), the head count and axes read from the weights replace its fixed ones, and the rest
+    are the steps of load_diffusion_model_state_dict (dtype choice, manual cast, fp8 options, weights, patcher)
+    with the same calls, so a 3072-wide file gives the same model as core's UNETLoader. Diffusers-layout weights
+    go through core's own converter first, as in core. Missing weights raise, naming the file."""
+    if weight_dtype not in CORE_WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(CORE_WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    options = CORE_WEIGHT_DTYPES[weight_dtype]
+    state = flux_file.load_state()
+    parameters = comfy.utils.calculate_parameters(state)
+    stored_dtype = comfy.utils.weight_dtype(state)
+    if flux_file.layout == "diffusers":
+        state = comfy.model_detection.convert_diffusers_mmdit(state, "")
+    model_config = comfy.model_detection.model_config_from_unet(state, "", metadata=dict(flux_file.metadata))
+    if model_config is None or model_config.unet_config.get("image_model") != "flux":
+        raise ValueError(f"{flux_file.path}: ComfyUI core does not recognise these FLUX.1 weights as a FLUX.1 "
+                         "model; load it with FluxWorks Load FLUX.1 Model instead")
+    model_config.unet_config.update(core_flux_geometry(flux_file.config))
+    if model_config.scaled_fp8 is not None:
+        stored_dtype = None
+    load_device, offload_device = model_devices()
+    supported = list(model_config.supported_inference_dtypes)
+    dtype = options.get("dtype") or mm.unet_dtype(model_params=parameters, supported_dtypes=supported,
+                                                  weight_dtype=stored_dtype)
+    if model_config.layer_quant_config is not None:
+        manual_cast = mm.unet_manual_cast(None, load_device, supported)
+    else:
+        manual_cast = mm.unet_manual_cast(dtype, load_device, supported)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    if options.get("fp8_optimizations"):
+        model_config.optimizations["fp8"] = True
+    model = model_config.get_model(state, "").to(offload_device)
+    missing = sorted(set(model.diffusion_model.state_dict()) - set(model_config.process_unet_state_dict(state)))
+    if missing:
+        raise ValueError(f"{flux_file.path}: weights missing for ComfyUI's FLUX.1 model: {missing[:6]} "
+                         f"({len(missing)} in all): the file is incomplete; download it again")
+    model.load_model_weights(state, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 # --- core MODEL guidance -------------------------------------------------------------------------------------

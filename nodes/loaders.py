@@ -6,7 +6,7 @@ from ..flux_models.dtypes import WEIGHT_DTYPE_CHOICES, storage_and_compute
 from ..flux_models.files import preview_vae_name
 from ..flux_models.holders import FluxModel, FluxTextEncoder
 from ..flux_models.text_encoders import CLIP_L, T5, Tokenizers, load_clip_l, load_t5, text_encoder_file
-from ..flux_models.transformer import load_flux_transformer
+from ..flux_models.transformer import load_flux_transformer, read_flux_file
 from . import host
 
 
@@ -40,6 +40,38 @@ class FluxWorksModelLoader:
         )
         model = FluxModel(transformer, config, compute, path, preview_vae_name(path))
         return (host.wrap_patcher(model, load_device, offload_device),)
+
+
+class FluxWorksCoreModelLoader:
+    """Any FLUX.1 transformer the FluxWorks loader reads, as a core MODEL: core's own UNETLoader builds only the
+    3072-wide FLUX.1 (it fixes 24 heads), so narrower or wider models (the embedded one) need this loader to
+    reach KSampler, core LoRA loaders and core model patches."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (host.model_choices(), {
+                    "tooltip": "A FLUX.1 file (BFL or diffusers layout, any width) or diffusers folder in "
+                               "models/diffusion_models (or models/unet)."}),
+                "weight_dtype": (list(host.CORE_WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "As in core's Load Diffusion Model: default keeps ComfyUI's choice; fp8_* store "
+                               "the weights in fp8 (_fast also computes in fp8 where the GPU can)."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = ("Loads any FLUX.1 transformer (BFL or diffusers layout, any width, head count and depth, the "
+                   "embedded model too) as a core MODEL for KSampler, core LoRA loaders and model patches; the "
+                   "architecture is read from the weights.")
+
+    def load(self, model_name: str, weight_dtype: str):
+        path = host.full_path("diffusion_models", model_name)
+        return (host.core_flux_model(read_flux_file(path), weight_dtype),)
 
 
 def text_encoder_choices() -> dict[str, list[str]]:
@@ -121,9 +153,11 @@ class FluxWorksTextEncoderLoader:
 
 NODE_CLASS_MAPPINGS = {
     "FluxWorksModelLoader": FluxWorksModelLoader,
+    "FluxWorksCoreModelLoader": FluxWorksCoreModelLoader,
     "FluxWorksTextEncoderLoader": FluxWorksTextEncoderLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxWorksModelLoader": "FluxWorks Load FLUX.1 Model",
+    "FluxWorksCoreModelLoader": "FluxWorks Load Core Model",
     "FluxWorksTextEncoderLoader": "FluxWorks Load Text Encoders (T5 + CLIP-L)",
 }

@@ -268,6 +268,89 @@ def test_folder_names_and_paths_entries_are_paths_and_extensions(pack, tmp_path)
         del folder_paths.folder_names_and_paths["fluxworks_internals_probe"]
 
 
+def _bfl_state(variant: str) -> dict[str, torch.Tensor]:
+    from devtools.tiny_models import diffusers_to_bfl, random_flux
+
+    return diffusers_to_bfl({k: v.detach() for k, v in random_flux(variant, 0).state_dict().items()})
+
+
+def test_model_config_from_unet_fixes_flux_heads_and_axes_and_reads_the_rest(pack):
+    """What core_flux_model replaces (num_heads, axes_dim: FLUX.1's 24 x 128) and keeps (the variant class, the
+    other FluxParams fields, read from the shapes), on the 2-head tiny model."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    from fluxworks.flux_models.transformer import infer_config
+    from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
+
+    for variant, cls in (("dev", comfy.supported_models.Flux), ("schnell", comfy.supported_models.FluxSchnell)):
+        state = _bfl_state(variant)
+        config = comfy.model_detection.model_config_from_unet(state, "", metadata={})
+        assert type(config) is cls and config.scaled_fp8 is None and config.layer_quant_config is None
+        unet = config.unet_config
+        assert unet["image_model"] == "flux" and unet["num_heads"] == 24 and unet["axes_dim"] == [16, 56, 56]
+        ours = pack.nodes.host.core_flux_geometry(infer_config(bfl_to_diffusers(state)))
+        assert set(ours) <= set(unet)
+        assert {k: v for k, v in ours.items() if k not in ("num_heads", "axes_dim")} == \
+            {k: unet[k] for k in ours if k not in ("num_heads", "axes_dim")}
+        assert ours["num_heads"] == 2
+
+
+def test_convert_diffusers_mmdit_gives_bfl_keys_for_any_width(pack):
+    import comfy.model_detection
+
+    from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
+
+    bfl = _bfl_state("dev")
+    converted = comfy.model_detection.convert_diffusers_mmdit(bfl_to_diffusers(bfl), "")
+    assert converted.keys() == bfl.keys() and all(torch.equal(converted[k], bfl[k]) for k in bfl)
+
+
+def test_load_diffusion_model_state_dict_steps_and_unet_loader_choices(pack):
+    """core_flux_model repeats core's loading steps after detection; a core that changes them fails here."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+
+    import nodes
+
+    source = inspect.getsource(comfy.sd.load_diffusion_model_state_dict)
+    for step in ("model_detection.model_config_from_unet(sd, \"\", metadata=metadata)",
+                 "model_detection.convert_diffusers_mmdit(sd, \"\")",
+                 "model_management.unet_dtype(model_params=parameters, supported_dtypes=unet_weight_dtype, "
+                 "weight_dtype=weight_dtype)",
+                 "model_management.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)",
+                 "model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)",
+                 "model_config.optimizations[\"fp8\"] = True", "model_config.get_model(new_sd, \"\")",
+                 "model.load_model_weights(new_sd, \"\")", "comfy.model_patcher.ModelPatcher(model, load_device="):
+        assert step in source, step
+    assert parameters(mm.unet_dtype)[:4] == ["device", "model_params", "supported_dtypes", "weight_dtype"]
+    assert parameters(mm.unet_manual_cast) == ["weight_dtype", "inference_device", "supported_dtypes"]
+    state = {"a": torch.zeros(3, dtype=torch.float16), "b": torch.zeros(2, 2, dtype=torch.float8_e4m3fn),
+             "c": torch.zeros(1, dtype=torch.float8_e4m3fn)}
+    assert comfy.utils.calculate_parameters(state) == 8 and comfy.utils.weight_dtype(state) == torch.float8_e4m3fn
+    choices = nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0]
+    assert choices == list(pack.nodes.host.CORE_WEIGHT_DTYPES)
+    loader = inspect.getsource(nodes.UNETLoader.load_unet)
+    assert loader.count("model_options[\"dtype\"]") == 3 and "model_options[\"fp8_optimizations\"] = True" in loader
+
+
+def test_get_model_load_model_weights_and_process_unet_state_dict(pack):
+    """A Flux config with a given unet_config builds that model; its weights load under BFL names as stored."""
+    import comfy.model_detection
+
+    state = _bfl_state("dev")
+    config = comfy.model_detection.model_config_from_unet(state, "", metadata={})
+    config.unet_config.update(num_heads=2)
+    config.set_inference_dtype(torch.float32, None)
+    assert config.process_unet_state_dict(dict(state)).keys() == state.keys()
+    model = config.get_model(state, "")
+    assert set(model.diffusion_model.state_dict()) == set(state)
+    model.load_model_weights(dict(state), "")
+    key = "double_blocks.0.img_attn.qkv.weight"
+    assert model.diffusion_model.num_heads == 2 and torch.equal(model.diffusion_model.state_dict()[key], state[key])
+
+
 # Node files may use ComfyUI's documented node API only; everything else goes through host.py.
 NODE_API = {"folder_paths", "latent_preview", "comfy.utils.ProgressBar", "comfy.latent_formats.Flux",
             "comfy.model_management.throw_exception_if_processing_interrupted"}
