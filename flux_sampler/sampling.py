@@ -47,6 +47,16 @@ class TextConditioning:
             raise ValueError(f"conditioning has batch {n} but the latent has batch {batch}: use 1 or {batch}")
         return TextConditioning(self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
 
+    @property
+    def base(self) -> TextConditioning:
+        """The prompt ControlNets see (a regional conditioning's global prompt; see flux_sampler.regional)."""
+        return self
+
+    def joint_attention_kwargs(self, transformer: torch.nn.Module, position: StepPosition, latent_h: int,
+                               latent_w: int, dtype: torch.dtype) -> dict | None:
+        """Attention arguments for a positive-pass call: none for a plain prompt (regional prompts add a mask)."""
+        return None
+
 
 class FluxDenoiser:
     """Velocity of a diffusers `FluxTransformer2DModel` for (B, 16, H, W) model-space latents.
@@ -108,13 +118,15 @@ class FluxDenoiser:
 
     def model_velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: TextConditioning, guidance: float,
-        residuals: ControlResiduals | None = None,
+        residuals: ControlResiduals | None = None, attention: dict | None = None,
     ) -> torch.Tensor:
-        """One transformer evaluation: pack, run, unpack; returns float32 (B, 16, H, W)."""
+        """One transformer evaluation: pack, run, unpack; returns float32 (B, 16, H, W). `attention` is passed as
+        diffusers' `joint_attention_kwargs` (a regional prompt's mask)."""
         _, _, h, w = x.shape
         inputs = self.transformer_inputs(x, sigma, cond, guidance)
         inputs["hidden_states"] = with_concat_latent(inputs["hidden_states"], self.concat_latent)
-        out = self.transformer(**inputs, **residual_kwargs(residuals), return_dict=False)[0]
+        extra = {"joint_attention_kwargs": attention} if attention is not None else {}
+        out = self.transformer(**inputs, **residual_kwargs(residuals), **extra, return_dict=False)[0]
         self.forward_calls += 1
         return unpack(out, h, w).to(device=x.device, dtype=torch.float32)
 
@@ -124,10 +136,12 @@ class FluxDenoiser:
         self.guidance_history.append(guidance)
         residuals = None
         if self.controls is not None:
-            inputs = self.transformer_inputs(x, sigma, self.positive, guidance)
+            inputs = self.transformer_inputs(x, sigma, self.positive.base, guidance)
             residuals = self.controls(inputs, guidance, step, self.steps)
+        attention = self.positive.joint_attention_kwargs(self.transformer, position, x.shape[2], x.shape[3],
+                                                         self.compute_dtype)
         with self.scope(position, "positive"):
-            v_pos = self.model_velocity(x, sigma, self.positive, guidance, residuals)
+            v_pos = self.model_velocity(x, sigma, self.positive, guidance, residuals, attention)
         if self.negative is None or not self.curve.cfg_active(position.progress):
             return v_pos
         with self.scope(position, "negative"):

@@ -20,6 +20,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..flux_sampler.progress import StepPosition
+from ..flux_sampler.regional import RegionalConditioning, attach_mask_router
 from ..flux_sampler.sampling import sample_flux
 from .compile import best_attention_backend, compile_available, compile_blocks, compile_limits, set_attention_backend
 from .fp8_linear import (
@@ -153,7 +154,8 @@ def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
-            compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None) -> PreparedTransformer:
+            compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None,
+            regional: bool = False) -> PreparedTransformer:
     """The transformer for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
     dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the blocks'
     code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated fp8 scales live
@@ -165,9 +167,9 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
     smaller fp8 copies are what is streamed). Hooks: block offload first, then the step cache, so a block the
     cache skips is never fetched. `interrupt` (the host's cancel check, which raises to stop) is called before
     every block, so a cancel is honoured within one block even when one step takes minutes. Call `close()` when
-    the run ends."""
+    the run ends. `regional` attaches the regional-prompt mask router (flux_sampler.regional)."""
     needs_clone = (options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto"
-                   or options.offload or options.cache is not None or interrupt is not None)
+                   or options.offload or options.cache is not None or interrupt is not None or regional)
     if not needs_clone:
         return PreparedTransformer(transformer, options)
     model = clone_structure(transformer)
@@ -189,6 +191,8 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
     calibrated = bool(calibrated_linears(model))
     if interrupt is not None:
         attach_block_check(model, interrupt)
+    if regional:
+        attach_mask_router(model)
     offloader = None
     if options.offload:
         if calibrated:
@@ -227,14 +231,14 @@ class PreparedSlot:
 
     def get(self, transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
             compute_dtype: torch.dtype, interrupt: Callable[[], None] | None,
-            weights_tag: object = None) -> PreparedTransformer:
+            weights_tag: object = None, regional: bool = False) -> PreparedTransformer:
         if options.offload:
             self.release()
-            return prepare(transformer, options, device, compute_dtype, interrupt)
-        key = (options, str(device), compute_dtype, interrupt, weights_tag, self.fingerprint(transformer))
+            return prepare(transformer, options, device, compute_dtype, interrupt, regional)
+        key = (options, str(device), compute_dtype, interrupt, regional, weights_tag, self.fingerprint(transformer))
         if self.prepared is None or key != self.key:
             self.release()
-            self.prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+            self.prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional)
             self.key = key
         return self.prepared
 
@@ -251,10 +255,11 @@ def sample_prepared(transformer: torch.nn.Module, options: SpeedOptions, device:
     on it (keyword arguments as sample_flux takes, without `transformer` and `compute_dtype`): what the FluxWorks
     Sampler node runs once the host has loaded the weights and made the conditioning, and what the parity tests
     and benchmarks call. Returns (model-space latent, denoiser, prepared)."""
+    regional = isinstance(sample_args.get("positive"), RegionalConditioning)
     if slot is not None:
-        prepared = slot.get(transformer, options, device, compute_dtype, interrupt, weights_tag)
+        prepared = slot.get(transformer, options, device, compute_dtype, interrupt, weights_tag, regional)
     else:
-        prepared = prepare(transformer, options, device, compute_dtype, interrupt)
+        prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional)
     kept = slot is not None and slot.prepared is prepared
     try:
         with prepared.run():
