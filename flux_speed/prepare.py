@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from ..flux_sampler.progress import StepPosition
 from ..flux_sampler.regional import RegionalConditioning, attach_mask_router
@@ -32,6 +31,7 @@ from .fp8_linear import (
     quantize_transformer_linears,
     start_calibration,
 )
+from .interrupt import attach_interrupt_checks
 from .offload import BlockOffloader, attach_offload
 from .step_cache import StepCacheConfig, StepCacheState, attach_step_cache
 
@@ -166,7 +166,8 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
     `device`); the offloader is built last, over the blocks the model will call (fp8 ones when quantised, so the
     smaller fp8 copies are what is streamed). Hooks: block offload first, then the step cache, so a block the
     cache skips is never fetched. `interrupt` (the host's cancel check, which raises to stop) is called before
-    every block, so a cancel is honoured within one block even when one step takes minutes. Call `close()` when
+    every block and, on the CPU, between pieces of a long block (flux_speed.interrupt), so a cancel is honoured
+    within a fraction of a second even when one block takes minutes. Call `close()` when
     the run ends. `regional` attaches the regional-prompt mask router (flux_sampler.regional)."""
     needs_clone = (options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto"
                    or options.offload or options.cache is not None or interrupt is not None or regional)
@@ -190,7 +191,7 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
             logger.info("torch.compile is skipped on the CPU (compile time outweighs the gain)")
     calibrated = bool(calibrated_linears(model))
     if interrupt is not None:
-        attach_block_check(model, interrupt)
+        attach_interrupt_checks(model, interrupt, device)
     if regional:
         attach_mask_router(model)
     offloader = None
@@ -273,22 +274,6 @@ def sample_prepared(transformer: torch.nn.Module, options: SpeedOptions, device:
         if not kept:
             prepared.close()
     return x, denoiser, prepared
-
-
-class _BlockCheck(ModelHook):
-    def __init__(self, check: Callable[[], None]) -> None:
-        super().__init__()
-        self.check = check
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.check()
-        return args, kwargs
-
-
-def attach_block_check(transformer: torch.nn.Module, check: Callable[[], None]) -> None:
-    """Call `check` before every block's own forward (registered first, so the innermost hook)."""
-    for block in transformer_blocks(transformer):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockCheck(check), "fluxworks_block_check")
 
 
 def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
