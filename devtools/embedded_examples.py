@@ -7,8 +7,9 @@ ControlNet trained for it, and input pictures drawn with core nodes (EmptyImage 
 LoadImage reads only ComfyUI's own input/ folder, which a pack must not write into. Each twin is then run on a
 real server and its thumbnail (<name>.jpg, which the Templates browser shows) is made from its output.
 
-`core_model_scheduled_guidance` has no twin: ComfyUI core's UNETLoader builds every FLUX.1 with 24 heads of
-128 (width 3072), so it cannot load the 2-head embedded transformer (embedded_model/README.md).
+`core_model_scheduled_guidance`'s twin swaps core's UNETLoader for FluxWorks Load Core Model: core's loader builds
+every FLUX.1 with 24 heads of 128 (width 3072), so it cannot load the 2-head embedded transformer; ours reads the
+architecture from the file and gives KSampler the same core MODEL.
 
 Usage: python -m devtools.embedded_examples   (rewrites example_workflows/embedded_*.json, their api/ copies
 and thumbnails; starts its own ComfyUI server on the CPU, about a minute)
@@ -51,6 +52,8 @@ STEPS, GUIDANCE, T5_LENGTH = 12, 2.0, "128"
 # True CFG with the twin's prompts, 4 seeds: adherence 1.0 at CFG 1.5, 0.85 at 2 (stray blotches), 0.6 at 2 with
 # the distilled guidance at 1 (docs/embedded_model.md measures the same fall with the negative "red").
 TRUE_CFG = 1.5
+# The core-model twin's curve (linear, start -> end), chosen from the measurement in example_workflows/README.md.
+CORE_CURVE = (3.0, 1.5)
 THUMBNAIL_SCALE = 3  # 128 px outputs shown at 384 px, nearest neighbour, so the pixels stay sharp
 # Where a grid cell's centre is at 128 px (training.shapes.cell_centre): columns/rows at 21.3, 64, 106.7.
 CELL_CENTRES = {"left": 21.33, "center": 64.0, "right": 106.67}
@@ -290,6 +293,25 @@ def _controlnet(workflow: Workflow, object_info: dict) -> None:
     set_group(workflow, 2, "Prompt: center; edges: top right")
 
 
+def _core_model(workflow: Workflow, object_info: dict) -> None:
+    unet = find(workflow, "UNETLoader")
+    [link] = [link for link in workflow["links"] if link[1] == unet["id"]]
+    schedule_model = next(n for n in workflow["nodes"] if n["id"] == link[3])
+    loader = add_node(workflow, object_info, "FluxWorksCoreModelLoader", unet["pos"], unet["size"],
+                      model_name=EMBEDDED_FILES["model_name"], weight_dtype="default")
+    remove_node(workflow, unet)
+    connect(workflow, loader, 0, schedule_model, "model")
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info,
+                prompt="a large green triangle on the left and a small white circle on the right, on a blue background")
+    set_widgets(find(workflow, "FluxWorksGuidanceSchedule"), object_info, start_value=CORE_CURVE[0],
+                end_value=CORE_CURVE[1])
+    set_widgets(find(workflow, "KSampler"), object_info, seed=2, steps=STEPS)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_core_model")
+    set_group(workflow, 0, "Embedded model as core MODEL")
+    set_group(workflow, 1, f"Guidance {CORE_CURVE[0]:g} to {CORE_CURVE[1]:g} on the MODEL")
+    set_group(workflow, 3, "Core KSampler (12 steps, cfg 1.0)")
+
+
 TWINS: dict[str, Twin] = {
     "embedded_text_to_image": Twin("flux_dev_text_to_image", _text_to_image,
                                    "text to image at the recommended settings (the `make demo` picture)"),
@@ -305,6 +327,10 @@ TWINS: dict[str, Twin] = {
     "embedded_controlnet_canny": Twin("flux_dev_controlnet_canny", _controlnet,
                                       f"the example ControlNet `{EMBEDDED_CONTROLNET}`: Canny edges of a drawn "
                                       "square move the shape the prompt puts in the center to the top right"),
+    "embedded_core_model_scheduled_guidance": Twin(
+        "core_model_scheduled_guidance", _core_model,
+        "FluxWorks Load Core Model gives core's KSampler the embedded model (core's UNETLoader cannot build it), "
+        "with a guidance curve on the MODEL"),
 }
 
 

@@ -23,8 +23,9 @@ from tests.e2e.ui_workflows import load_api, load_ui, ui_to_api, workflow_names
 
 pytestmark = pytest.mark.e2e
 
-# Real-weight examples without a twin, and why.
-NO_TWIN = {"core_model_scheduled_guidance": "core's UNETLoader assumes 24 heads and cannot load the embedded model"}
+# Real-weight examples without a twin, and why (none: core_model_scheduled_guidance's twin loads the embedded model
+# with FluxWorks Load Core Model, since core's UNETLoader assumes 24 heads).
+NO_TWIN: dict[str, str] = {}
 # What each twin's picture shows: background colour, and the grid cell of each shape's colour.
 EXPECTED = {
     "embedded_text_to_image": ("purple", {"orange": "center"}),
@@ -33,6 +34,7 @@ EXPECTED = {
     "embedded_img2img": ("blue", {"yellow": "center"}),
     "embedded_lora_stack": ("purple", {"yellow": "center"}),
     "embedded_controlnet_canny": ("blue", {"yellow": "top right"}),  # the caption says center; the edges win
+    "embedded_core_model_scheduled_guidance": ("blue", {"green": "left", "white": "right"}),
 }
 
 

@@ -1,10 +1,12 @@
 """The embedded files in a real ComfyUI: FluxWorks loaders and sampler draw the demo prompt, core's own
 VAELoader + VAEDecode turn it into the same picture our pipeline makes, and the evaluator reads the caption
-back. Core's UNETLoader cannot take the transformer (it fixes 24 heads, so only width 3072 fits): that is
-pinned here so a core release that lifts the limit shows up."""
+back. Core's own UNETLoader still cannot take the transformer (it fixes 24 heads, so only width 3072 fits):
+that is pinned here so a core release that lifts the limit shows up. FluxWorks Load Core Model can: it reads
+the architecture from the file, and core's KSampler on its MODEL lands where FluxWorks Sampler does."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -67,6 +69,7 @@ def test_demo_prompt_through_fluxworks_nodes_and_core_vae_matches_the_pipeline(i
 
 
 def test_core_unet_loader_rejects_the_narrow_transformer(installed):
+    """Core's own loader still fails on the 2-head file (FluxWorks Load Core Model is the way: see the next test)."""
     unet = {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
     prompt = _text_to_image(unet)
     prompt["sample"] = {"class_type": "KSampler", "inputs": {
@@ -76,3 +79,41 @@ def test_core_unet_loader_rejects_the_narrow_transformer(installed):
     assert result.status == "error"
     error = result.error()
     assert error["node_id"] == "model" and "num_heads" in error["exception_message"]
+
+
+CORE_SHIFT = 1.15  # core ModelSamplingFlux's default mu for FLUX.1-dev; our shift widget is e^mu
+
+
+def test_fluxworks_core_model_loader_feeds_ksampler_like_the_fluxworks_sampler(installed):
+    """FluxWorks Load Core Model -> core KSampler (euler, simple, cfg 1, FluxGuidance at the recommended value)
+    against FluxWorks Sampler at core's sigma shift, same seed and prompt: the same latent up to float rounding
+    (core's FLUX.1 code vs diffusers, both fp32 on the CPU), and the evaluator reads the caption in both."""
+    loader = {"class_type": "FluxWorksCoreModelLoader",
+              "inputs": {"model_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
+    prompt = _text_to_image(loader)
+    prompt["guided"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["enc", 0],
+                                                                 "guidance": RECOMMENDED_GUIDANCE}}
+    prompt["zero"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["enc", 0]}}
+    prompt["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": ["model", 0], "seed": SEED, "steps": RECOMMENDED_STEPS, "cfg": 1.0, "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["guided", 0], "negative": ["zero", 0], "latent_image": ["latent", 0],
+        "denoise": 1.0}}
+    prompt["ours_model"] = {"class_type": "FluxWorksModelLoader",
+                            "inputs": {"model_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
+    prompt["ours"] = {"class_type": "FluxWorksSampler", "inputs": {
+        "model": ["ours_model", 0], "positive": ["enc", 0], "latent_image": ["latent", 0], "seed": SEED,
+        "steps": RECOMMENDED_STEPS, "guidance": RECOMMENDED_GUIDANCE, "shift": math.exp(CORE_SHIFT), "denoise": 1.0}}
+    prompt["ours_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["ours", 0], "vae": ["vae", 0]}}
+    prompt["ours_save"] = {"class_type": "SaveImage", "inputs": {"images": ["ours_decode", 0], "filename_prefix": "ours"}}
+    for tag, node in (("core", "sample"), ("ours", "ours")):
+        prompt[f"{tag}_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": tag}}
+    result = installed.run(prompt)
+    assert result.status == "success", result.messages
+    core, ours = installed.latent(result, "core_latent"), installed.latent(result, "ours_latent")
+    assert core.shape == ours.shape == (1, 16, 16, 16)
+    rel = float((core - ours).norm() / ours.norm())
+    assert rel <= 1e-5, f"KSampler on FluxWorks Load Core Model vs FluxWorks Sampler: relative error {rel:.2e}"
+    images = {node: installed.view_image(f) for node in ("save", "ours_save") for f in result.outputs[node]["images"]}
+    pixels = {node: np.asarray(image.convert("RGB")).astype(np.float32) for node, image in images.items()}
+    assert np.abs(pixels["save"] - pixels["ours_save"]).max() <= 1.0  # the same picture, to the 8-bit step
+    assert score_image(images["save"], DEMO_PROMPT).score == 1.0
