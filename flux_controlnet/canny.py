@@ -9,6 +9,7 @@ edges between colours of equal brightness are found too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +57,16 @@ def non_maximum_suppression(magnitude: torch.Tensor, gx: torch.Tensor, gy: torch
     return torch.where(keep, magnitude, torch.zeros_like(magnitude))
 
 
-def hysteresis(strong: torch.Tensor, weak: torch.Tensor, check_every: int = 8) -> torch.Tensor:
-    """Grow `strong` edges into 8-connected `weak` pixels until nothing changes (boolean (B, 1, H, W))."""
+def hysteresis(strong: torch.Tensor, weak: torch.Tensor, check_every: int = 8,
+               interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """Grow `strong` edges into 8-connected `weak` pixels until nothing changes (boolean (B, 1, H, W)).
+    Edges grow one pixel per pass, so a long weak edge on a large image takes thousands of passes (its length
+    in pixels): `interrupt` (a cancel check that raises) runs every `check_every` passes."""
     edges = strong.float()
     weak_f = (weak | strong).float()
     while True:
+        if interrupt is not None:
+            interrupt()
         before = edges
         for _ in range(check_every):
             edges = F.max_pool2d(edges, 3, stride=1, padding=1) * weak_f
@@ -69,8 +75,9 @@ def hysteresis(strong: torch.Tensor, weak: torch.Tensor, check_every: int = 8) -
 
 
 def canny_edges(image: torch.Tensor, low_threshold: float, high_threshold: float,
-                blur_sigma: float = 1.0) -> torch.Tensor:
-    """IMAGE (B, H, W, C) in [0, 1] -> edge map (B, H, W) of 0/1 on the image's device."""
+                blur_sigma: float = 1.0, interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """IMAGE (B, H, W, C) in [0, 1] -> edge map (B, H, W) of 0/1 on the image's device; `interrupt` is checked
+    during hysteresis, the only stage whose time grows with the edges' length."""
     if not 0.0 <= low_threshold <= high_threshold:
         raise ValueError(f"Canny thresholds need 0 <= low ({low_threshold}) <= high ({high_threshold})")
     if blur_sigma < 0:
@@ -87,5 +94,6 @@ def canny_edges(image: torch.Tensor, low_threshold: float, high_threshold: float
     magnitude = strength.gather(1, strongest).sqrt()
     thin = non_maximum_suppression(magnitude, gx, gy)
     candidate = thin > 0
-    edges = hysteresis(candidate & (thin >= high_threshold), candidate & (thin >= low_threshold))
+    edges = hysteresis(candidate & (thin >= high_threshold), candidate & (thin >= low_threshold),
+                       interrupt=interrupt)
     return edges[:, 0].to(image.dtype if image.is_floating_point() else torch.float32)

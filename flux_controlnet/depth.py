@@ -7,6 +7,7 @@ and safetensors weights, as `save_pretrained` (or a Hugging Face snapshot) write
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,8 @@ class DepthEstimator(torch.nn.Module):
         self.source = source
         self.device = torch.device("cpu")
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return estimate_depth(self.model, self.processor, image)
+    def forward(self, image: torch.Tensor, interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+        return estimate_depth(self.model, self.processor, image, interrupt)
 
 
 def load_depth_model(folder: str):
@@ -55,11 +56,14 @@ def load_depth_model(folder: str):
 
 
 @torch.no_grad()
-def estimate_depth(model, processor, image: torch.Tensor) -> torch.Tensor:
+def estimate_depth(model, processor, image: torch.Tensor,
+                   interrupt: Callable[[], None] | None = None) -> torch.Tensor:
     """IMAGE (B, H, W, C) in [0, 1] -> relative depth (B, H, W) in [0, 1], near = bright, one map per image.
 
     The model's output is resized to the image (bicubic, as transformers' depth pipeline does) and each map
-    is stretched to [0, 1]; DPT and Depth Anything predict inverse depth, so nearer is larger.
+    is stretched to [0, 1]; DPT and Depth Anything predict inverse depth, so nearer is larger. `interrupt` (a
+    cancel check that raises) runs before every layer of the model's layer lists (its ViT blocks and neck
+    stages), so a large batch on a CPU can be cancelled midway; the batch itself stays one call.
     """
     if image.ndim != 4:
         raise ValueError(f"expected an IMAGE of shape (batch, height, width, channels), got {tuple(image.shape)}")
@@ -68,7 +72,14 @@ def estimate_depth(model, processor, image: torch.Tensor) -> torch.Tensor:
     pixels = [frame.movedim(-1, 0).float().cpu() for frame in rgb]
     inputs = processor(images=pixels, return_tensors="pt", do_rescale=False)
     values = inputs["pixel_values"].to(device=device, dtype=next(model.parameters()).dtype)
-    predicted = model(pixel_values=values).predicted_depth.float()  # (B, h, w)
+    handles = [] if interrupt is None else [
+        layer.register_forward_pre_hook(lambda *_: interrupt())
+        for layers in model.modules() if isinstance(layers, torch.nn.ModuleList) for layer in layers]
+    try:
+        predicted = model(pixel_values=values).predicted_depth.float()  # (B, h, w)
+    finally:
+        for handle in handles:
+            handle.remove()
     depth = F.interpolate(predicted[:, None], size=image.shape[1:3], mode="bicubic", align_corners=False)[:, 0]
     low = depth.amin(dim=(1, 2), keepdim=True)
     high = depth.amax(dim=(1, 2), keepdim=True)

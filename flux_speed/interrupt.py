@@ -55,6 +55,11 @@ HOOK_NAME = "fluxworks_block_check"
 CPU_WORK_PER_CHECK = 2 * 10**9
 ELEMENTWISE_WORK = 256  # multiply-add equivalents per residual element for the block's elementwise operations
 ROW_ALIGN = 256  # pieces of a multiple of this many rows give bit-identical GEMM / SDPA results (measured)
+# Attention pieces may hold this many times `work`: torch's CPU flash attention walks all keys once per block of
+# 256 queries only when it is given at least 768 queries (64 below). At 2048x2048 (16.5k tokens, 2 cores) pieces of
+# 236 queries took 4.8-6.4 s per transformer call against 4.2-5.8 s whole; pieces of 768 took 3.8 s against 3.9 s,
+# with a check every 0.06 s at most.
+ATTENTION_WORK_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ def _attention(attn, check: InterruptCheck, query, key, value, mask) -> torch.Te
     """Attention of every query against all keys, a range of queries at a time; (1, L, heads x head_dim)."""
     length, width = query.shape[1], query.shape[2] * query.shape[3]
     out = query.new_empty(1, length, width)
-    step = _rows(length, check.work, 2 * key.shape[1] * width)
+    step = _rows(length, ATTENTION_WORK_FACTOR * check.work, 2 * key.shape[1] * width)
     processor = attn.processor
     for start, end in _pieces(length, step):
         check()

@@ -234,7 +234,8 @@ class FluxWorksCannyEdges:
     def detect(self, image, low_threshold: float, high_threshold: float, blur_sigma: float):
         _finite("FluxWorksCannyEdges", low_threshold=low_threshold, high_threshold=high_threshold,
                 blur_sigma=blur_sigma)
-        edges = canny_edges(image.to(host.compute_device()), low_threshold, high_threshold, blur_sigma)
+        edges = canny_edges(image.to(host.compute_device()), low_threshold, high_threshold, blur_sigma,
+                            interrupt=host.check_interrupt)
         return (edges[..., None].expand(*edges.shape, 3).to(host.intermediate_device(), torch.float32),)
 
 
@@ -257,7 +258,7 @@ class FluxWorksDepthEstimate:
         device, offload = host.model_devices()
         estimator = DepthEstimator(model.to(host.default_compute_dtype(device)), processor, path)
         host.load_on_device(host.wrap_patcher(estimator, device, offload))
-        depth = estimator(image)
+        depth = estimator(image, host.check_interrupt)
         return (depth[..., None].expand(*depth.shape, 3).to(host.intermediate_device(), torch.float32),)
 
 

@@ -56,7 +56,7 @@ class FluxWorksTextEncode:
         device = host.load_on_device(te)
         holder = te.model
         result = encode(holder.t5, holder.clip, holder.tokenizers, prompt, clip_prompt or None,
-                        int(max_sequence_length), device)
+                        int(max_sequence_length), device, interrupt=host.check_interrupt)
         if result.t5_dropped_tokens:
             logger.warning("FluxWorksTextEncode: prompt truncated to %s T5 tokens (%d tokens dropped)",
                            max_sequence_length, result.t5_dropped_tokens)

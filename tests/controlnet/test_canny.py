@@ -66,3 +66,18 @@ def test_edges_between_colours_of_equal_brightness_are_found():
     edges = canny_edges(image, 0.1, 0.2)[0]
     assert torch.all(edges[:, 15:17].sum(dim=1) == 1)  # one edge pixel on every row, at the boundary
     assert edges.sum() == 32
+
+
+def test_an_interrupt_stops_hysteresis():
+    """Hysteresis grows edges a pixel per pass (thousands of passes on a long edge of a large image): the cancel
+    check runs between passes."""
+    class Cancelled(Exception):
+        pass
+
+    def interrupt():
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        canny_edges(square_image(), 0.1, 0.2, interrupt=interrupt)
+    assert torch.equal(canny_edges(square_image(), 0.1, 0.2, interrupt=lambda: None),
+                       canny_edges(square_image(), 0.1, 0.2))

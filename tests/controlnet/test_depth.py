@@ -37,3 +37,24 @@ def test_a_folder_without_a_model_names_what_is_missing(tmp_path):
         load_depth_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_depth_model(str(tmp_path / "absent"))
+
+
+def test_an_interrupt_stops_the_depth_model_between_layers_and_leaves_no_hooks(depth_folder):
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Cancelled
+
+    model, processor = load_depth_model(depth_folder)
+    image = torch.rand(1, 40, 72, 3)
+    before = estimate_depth(model, processor, image)
+    with pytest.raises(Cancelled):
+        estimate_depth(model, processor, image, interrupt)
+    assert len(calls) == 2
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(estimate_depth(model, processor, image, lambda: None), before)

@@ -44,3 +44,25 @@ def test_long_prompts_are_truncated_and_counted(loaded, tokenizers):
     ours = encode(*loaded, tokenizers, "word " * 10_000, None, 256, torch.device("cpu"))
     assert ours.t5_embeds.shape[1] == 256
     assert ours.t5_dropped_tokens > 9000 and ours.clip_dropped_tokens > 9000
+
+
+def test_an_interrupt_stops_the_encode_between_layers_and_leaves_no_hooks(loaded, tokenizers):
+    """The node passes ComfyUI's cancel check: it runs before each CLIP layer and T5 sublayer, and the hooks are
+    gone afterwards (a cancelled encode leaves the shared models as they were; the next encode is unchanged)."""
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled
+
+    before = encode(*loaded, tokenizers, "a red star", None, 256, torch.device("cpu"))
+    with pytest.raises(Cancelled):
+        encode(*loaded, tokenizers, "a red star", None, 256, torch.device("cpu"), interrupt=interrupt)
+    assert len(calls) == 3  # CLIP-L's 2 layers, then T5's first sublayer
+    assert not any(m._forward_pre_hooks for model in loaded for m in model.modules())
+    after = encode(*loaded, tokenizers, "a red star", None, 256, torch.device("cpu"), interrupt=lambda: None)
+    assert torch.equal(after.t5_embeds, before.t5_embeds) and torch.equal(after.clip_pooled, before.clip_pooled)
