@@ -82,6 +82,10 @@ def test_core_unet_loader_rejects_the_narrow_transformer(installed):
 
 
 CORE_SHIFT = 1.15  # core ModelSamplingFlux's default mu for FLUX.1-dev; our shift widget is e^mu
+# Core's "simple" scheduler reads its sigmas off a 10000-point table (comfy/samplers.py simple_scheduler), so they
+# are the exact shifted linspace only when the step count divides 10000: at 10 steps they agree with FluxWorks'
+# to 6e-8, at the recommended 12 they differ by up to 1.5e-4, a real schedule difference, not rounding.
+PARITY_STEPS = 10
 
 
 def test_fluxworks_core_model_loader_feeds_ksampler_like_the_fluxworks_sampler(installed):
@@ -95,14 +99,14 @@ def test_fluxworks_core_model_loader_feeds_ksampler_like_the_fluxworks_sampler(i
                                                                  "guidance": RECOMMENDED_GUIDANCE}}
     prompt["zero"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["enc", 0]}}
     prompt["sample"] = {"class_type": "KSampler", "inputs": {
-        "model": ["model", 0], "seed": SEED, "steps": RECOMMENDED_STEPS, "cfg": 1.0, "sampler_name": "euler",
+        "model": ["model", 0], "seed": SEED, "steps": PARITY_STEPS, "cfg": 1.0, "sampler_name": "euler",
         "scheduler": "simple", "positive": ["guided", 0], "negative": ["zero", 0], "latent_image": ["latent", 0],
         "denoise": 1.0}}
     prompt["ours_model"] = {"class_type": "FluxWorksModelLoader",
                             "inputs": {"model_name": os.path.basename(FILES["transformer"]), "weight_dtype": "default"}}
     prompt["ours"] = {"class_type": "FluxWorksSampler", "inputs": {
         "model": ["ours_model", 0], "positive": ["enc", 0], "latent_image": ["latent", 0], "seed": SEED,
-        "steps": RECOMMENDED_STEPS, "guidance": RECOMMENDED_GUIDANCE, "shift": math.exp(CORE_SHIFT), "denoise": 1.0}}
+        "steps": PARITY_STEPS, "guidance": RECOMMENDED_GUIDANCE, "shift": math.exp(CORE_SHIFT), "denoise": 1.0}}
     prompt["ours_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["ours", 0], "vae": ["vae", 0]}}
     prompt["ours_save"] = {"class_type": "SaveImage", "inputs": {"images": ["ours_decode", 0], "filename_prefix": "ours"}}
     for tag, node in (("core", "sample"), ("ours", "ours")):
@@ -111,8 +115,8 @@ def test_fluxworks_core_model_loader_feeds_ksampler_like_the_fluxworks_sampler(i
     assert result.status == "success", result.messages
     core, ours = installed.latent(result, "core_latent"), installed.latent(result, "ours_latent")
     assert core.shape == ours.shape == (1, 16, 16, 16)
-    rel = float((core - ours).norm() / ours.norm())
-    assert rel <= 1e-5, f"KSampler on FluxWorks Load Core Model vs FluxWorks Sampler: relative error {rel:.2e}"
+    rel = float((core - ours).norm() / ours.norm())  # measured 8.1e-7 (fp32, CPU, 10 steps)
+    assert rel <= 2.5e-6, f"KSampler on FluxWorks Load Core Model vs FluxWorks Sampler: relative error {rel:.2e}"
     images = {node: installed.view_image(f) for node in ("save", "ours_save") for f in result.outputs[node]["images"]}
     pixels = {node: np.asarray(image.convert("RGB")).astype(np.float32) for node, image in images.items()}
     assert np.abs(pixels["save"] - pixels["ours_save"]).max() <= 1.0  # the same picture, to the 8-bit step
