@@ -6,13 +6,14 @@ forward; core's LoRA loader patches it; wrong files are refused naming the file 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from evaluation.embedded import EMBEDDED_DIR, FILES
-from fluxworks.flux_models.transformer import load_flux_transformer, read_flux_file
+from fluxworks.flux_models.transformer import load_flux_transformer
 from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from fluxworks.flux_sampler.sampling import FluxDenoiser, TextConditioning
@@ -156,22 +157,29 @@ def test_core_lora_loader_on_the_embedded_model_matches_the_merged_lora(loaders)
 
 
 @pytest.mark.parametrize("case", ["text_encoder", "truncated", "unknown_layout"])
-def test_bad_files_are_refused_naming_the_file_and_the_fix(tmp_path, case):
+def test_bad_files_are_refused_naming_the_file_and_the_fix(loaders, tmp_path, case):
+    """Through the node, from a diffusion_models folder: a T5 file put there, a download cut in half, and a
+    safetensors file of some other architecture."""
+    import folder_paths
+
+    _, ours_loader = loaders
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    path = str(tmp_path / f"{case}.safetensors")
     if case == "text_encoder":
-        path = os.path.join(EMBEDDED_DIR, FILES["t5"])
+        shutil.copyfile(os.path.join(EMBEDDED_DIR, FILES["t5"]), path)
         needles = ("is not a FLUX.1 transformer", "T5 text encoder", "models/text_encoders")
     elif case == "truncated":
-        path = str(tmp_path / "flux1-dev-cut.safetensors")
         data = open(EMBEDDED_TRANSFORMER, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
         needles = ("not a readable safetensors file", "truncated by an interrupted download")
     else:
-        path = str(tmp_path / "something.safetensors")
         save_file({"blocks.0.attn.weight": torch.zeros(4, 4), "head.weight": torch.zeros(4)}, path)
         needles = ("is not a FLUX.1 transformer", "double_blocks.0.img_attn.qkv.weight", "x_embedder.weight",
                    "blocks.0.attn.weight")
     with pytest.raises(ValueError) as error:
-        read_flux_file(path)
+        ours_loader.load(os.path.basename(path), "default")
     assert path in str(error.value)
     for needle in needles:
         assert needle in str(error.value)
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        ours_loader.load("flux1-shapes-tiny.safetensors", "bf16")
