@@ -15,17 +15,23 @@ from ..flux_sampler.sampling import TextConditioning
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
 from ..flux_speed.prepare import PreparedSlot, sample_prepared
 from . import controlnet, host, speed
+from .regional import is_regional, regional_conditioning
 
 logger = logging.getLogger(__name__)
 
 
-def flux_conditioning(conditioning, name: str, width: int) -> TextConditioning:
-    """Core CONDITIONING ([[t5_tokens, {"pooled_output": ...}]]) -> TextConditioning, checked."""
+def flux_conditioning(conditioning, name: str, width: int,
+                      image_hw: tuple[int, int] | None = None) -> TextConditioning:
+    """Core CONDITIONING ([[t5_tokens, {"pooled_output": ...}]]) -> TextConditioning, checked. With `image_hw`
+    (the positive prompt), regions core nodes or FluxWorksRegionalPrompt put on it become a RegionalConditioning
+    (nodes/regional.py)."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"{name} conditioning is empty: connect a text encode node")
+    if image_hw is not None and is_regional(conditioning):
+        return regional_conditioning(conditioning, name, width, image_hw)
     if len(conditioning) > 1:
         raise ValueError(f"{name} conditioning holds {len(conditioning)} prompts (Conditioning Combine?); "
-                         "FluxWorksSampler takes one prompt per input")
+                         "FluxWorksSampler takes one prompt here (regions apply to the positive prompt only)")
     tokens, extras = conditioning[0]
     pooled = extras.get("pooled_output")
     if pooled is None:
@@ -122,7 +128,7 @@ class FluxWorksSampler:
         samples = checked_latent(latent_image)
         flux = patcher.model
         width = flux.config.joint_attention_dim
-        pos = flux_conditioning(positive, "positive", width)
+        pos = flux_conditioning(positive, "positive", width, image_hw=(samples.shape[2] * 8, samples.shape[3] * 8))
         neg = flux_conditioning(negative, "negative", width) if negative is not None else None
         curve = guidance_schedule if guidance_schedule is not None else GuidanceCurve.constant(guidance)
         if neg is not None and curve.cfg_scale == 1.0:
