@@ -4,7 +4,7 @@ fraction of a second however large the step is.
 Why a check per block is not enough (measured on 2 CPU cores with the embedded model, `bench/interrupt_gaps.py`,
 docs/bench/interrupt_gaps_cpu_2026-12-01.json): the longest time between two per-block checks was 1.5 s at batch
 256 of 128x128 (49k tokens) and 1.8 s at batch 1 of 2048x2048 (16.5k tokens) on an idle machine, 7.5 s at batch
-256 with the machine loaded (load average 11). With 20 GiB free the memory check accepts batch 4428 of 128x128
+256 with the machine loaded (load average 11; an earlier run of the script, not in the JSON). With 20 GiB free the memory check accepts batch 4428 of 128x128
 (21 s per block, extrapolated) and 14368x14368 at batch 1 (about an hour per block: attention grows with the
 square of the tokens). With the pieces below the longest gap was 0.06 s and 0.12 s idle (0.96 s loaded), and a
 step took no longer (2.6 s against 3.6 s, 5.1 s against 5.0 s).
