@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from devtools.tiny_models import random_flux, write_flux
 from evaluation.embedded import EMBEDDED_DIR, FILES
 from fluxworks.flux_models.transformer import load_flux_transformer
 from fluxworks.flux_models.transformer_keys import bfl_to_diffusers
@@ -120,7 +121,7 @@ def test_embedded_model_matches_our_diffusers_forward(loaders):
     assert rel <= 4e-6, f"core FLUX.1 vs diffusers on the embedded model: relative error {rel:.2e}"
 
 
-def test_core_lora_loader_on_the_embedded_model_matches_the_merged_lora(loaders):
+def test_core_lora_loader_on_the_embedded_model_matches_the_merged_lora(loaders, tmp_path):
     """Core's LoraLoaderModelOnly maps every layer of the embedded example LoRA (diffusers keys, q/k/v into core's
     fused 256-row slices: its key map comes from the unet_config this loader writes), and the patched MODEL gives
     the output of our diffusers transformer with W + B @ A merged (the file's lora_alpha = r = 16: scale 1)."""
@@ -134,8 +135,10 @@ def test_core_lora_loader_on_the_embedded_model_matches_the_merged_lora(loaders)
     lora = load_file(EMBEDDED_LORA)
     loaded = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
     assert {k for patch in loaded.values() for k in patch.loaded_keys} == set(lora)
-    folder_paths.add_model_folder_path("loras", os.path.dirname(EMBEDDED_LORA))
-    [patched] = nodes.LoraLoaderModelOnly().load_lora_model_only(model, os.path.basename(EMBEDDED_LORA), 1.0)
+    # a copy under another name: the embedded folder itself stays listed only by FluxWorks' loaders
+    shutil.copyfile(EMBEDDED_LORA, tmp_path / "core-loader-copy-of-diamond.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    [patched] = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "core-loader-copy-of-diamond.safetensors", 1.0)
     transformer, config, compute = load_flux_transformer(EMBEDDED_TRANSFORMER, "fp32", torch.float32)
     with torch.no_grad():
         for key, down in lora.items():
@@ -183,3 +186,29 @@ def test_bad_files_are_refused_naming_the_file_and_the_fix(loaders, tmp_path, ca
         assert needle in str(error.value)
     with pytest.raises(ValueError, match="weight_dtype must be one of"):
         ours_loader.load("flux1-shapes-tiny.safetensors", "bf16")
+
+
+@pytest.mark.parametrize("variant,fmt", [("dev", "diffusers"), ("dev", "bfl_prefixed"), ("dev", "fp8_scaled"),
+                                         ("schnell", "bfl")])
+def test_every_file_format_the_pack_reads_gives_the_diffusers_forward(loaders, tmp_path, variant, fmt):
+    """The 2-head tiny model as a diffusers folder (save_pretrained), under `model.diffusion_model.`, as ComfyUI's
+    scaled fp8 and as schnell: the core MODEL's x0 against our diffusers transformer read from the same file."""
+    import folder_paths
+
+    _, ours_loader = loaders
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    name = f"tiny-{variant}-{fmt}" + ("" if fmt == "diffusers" else ".safetensors")
+    path = write_flux(str(tmp_path / name), random_flux(variant, seed=4), fmt)
+    [core] = ours_loader.load(name, "default")
+    assert core.model.model_config.unet_config["num_heads"] == 2
+    assert core.model.model_config.unet_config["guidance_embed"] == (variant == "dev")
+    inputs = _inputs(64, 64, seed=5)
+    transformer, config, compute = load_flux_transformer(path, "fp32", torch.float32)
+    if fmt == "fp8_scaled":  # core's scaled-fp8 Linear is built in fp8, its bias included: biases round to fp8
+        with torch.no_grad():
+            for module in transformer.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.copy_(module.bias.to(torch.float8_e4m3fn).float())
+    reference = _diffusers_x0(transformer, config, compute, inputs)
+    rel = _rel(_denoised(core, inputs), reference)  # measured 9.1e-8 to 1.3e-7 (fp32, CPU)
+    assert rel <= 4e-7, f"{fmt}: core FLUX.1 vs diffusers, relative error {rel:.2e}"
