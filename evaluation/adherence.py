@@ -343,3 +343,53 @@ def summarise(results: list[Adherence]) -> dict[str, float]:
         "extra_objects_per_image": float(np.mean([len(r.extra_objects) for r in results])),
         "images": len(results),
     }
+
+
+# --- a concept taught by a LoRA ----------------------------------------------------------------------------------
+# A LoRA can teach the embedded model a shape it never saw, named in captions by a token outside the grammar ("a
+# large red sks in the center, on a blue background"). The caption is read with the token standing for a shape, and
+# the token's object (the largest region of its colour) is judged by the nearest shape prototype among the original
+# shapes and the new one: prototypes measured on VAE round trips of clean renders, since what the embedded VAE can show
+# is the reference (see `training.train_embedded_concept.vae_prototypes`).
+
+
+def nearest_prototype(features: tuple[float, float, float], prototypes: dict[str, tuple[float, float, float]]) -> str:
+    """The shape whose (extent, solidity, centroid height) prototype is nearest in the weighted feature space."""
+    f = np.array(features)
+    return min(prototypes, key=lambda s: float(np.sum((FEATURE_WEIGHTS * (f - np.array(prototypes[s]))) ** 2)))
+
+
+def concept_colour(caption: str, token: str) -> str:
+    """The colour of the object the token names in a caption of the grammar with `token` as its shape word."""
+    scene = parse_caption(caption.replace(f" {token} ", " circle "))
+    named = [o for o, word in zip(scene.objects, _shape_words(caption, len(scene.objects)), strict=True) if word == token]
+    if len(named) != 1:
+        raise ValueError(f"caption {caption!r} must name exactly one object with the token {token!r}")
+    return named[0].colour
+
+
+def _shape_words(caption: str, count: int) -> list[str]:
+    body = caption.rpartition(", on ")[0]
+    head, _, last = body.rpartition(" and ")
+    parts = (head.split(", ") if head else []) + [last]
+    if len(parts) != count:
+        raise ValueError(f"caption {caption!r}: cannot split its object phrases")
+    return [re_shape_word(part) for part in parts]
+
+
+def re_shape_word(phrase: str) -> str:
+    """The shape word of an object phrase ("a large red sks in the center" -> "sks")."""
+    words = phrase.split()
+    for marker in ("at", "on", "in"):
+        if marker in words:
+            return words[words.index(marker) - 1]
+    raise ValueError(f"object phrase {phrase!r} has no position")
+
+
+def concept_found(image: Image.Image | np.ndarray, caption: str, token: str, concept: str,
+                  prototypes: dict[str, tuple[float, float, float]]) -> bool:
+    """Whether the object the token names is drawn, in its colour, as `concept` (nearest of `prototypes`)."""
+    colour = concept_colour(caption, token)
+    _, objects = analyse(image)
+    seen = objects.get(colour)
+    return seen is not None and nearest_prototype(seen.features, prototypes) == concept

@@ -184,13 +184,19 @@ class LoraTrainer:
                               self.settings.logit_mean, self.settings.logit_std)
         return noise, sigma
 
-    def dataset_loss(self, dataset: CachedDataset) -> Callable[[], torch.Tensor]:
-        """The loss of one micro-batch drawn from `dataset` (the usual `loss_fn` of `train`)."""
+    def dataset_loss(self, dataset: CachedDataset, prior: CachedDataset | None = None,
+                     prior_weight: float = 1.0) -> Callable[[], torch.Tensor]:
+        """The loss of one micro-batch drawn from `dataset` (the usual `loss_fn` of `train`). With `prior` (DreamBooth
+        prior preservation: the base model's own pictures of the class), a batch of it is added at `prior_weight`, as
+        the script's --with_prior_preservation adds its class images' loss."""
 
-        def loss() -> torch.Tensor:
-            batch = dataset.sample(self.settings.batch_size, self.generator)
+        def one(data: CachedDataset) -> torch.Tensor:
+            batch = data.sample(self.settings.batch_size, self.generator)
             noise, sigma = self.noise_and_sigma(batch.latents)
             return flow_matching_loss(self.transformer, batch, noise, sigma, self.guidance)
+
+        def loss() -> torch.Tensor:
+            return one(dataset) if prior is None else one(dataset) + prior_weight * one(prior)
 
         return loss
 

@@ -170,3 +170,30 @@ def test_adapter_refuses_a_model_that_has_one():
         with pytest.raises(ValueError, match="already carries a peft adapter"):
             with training_adapter(flux, config):
                 pass
+
+
+def test_saved_file_through_the_packs_lora_stack_matches_our_adapter(tmp_path):
+    from fluxworks.flux_lora import RouteTable, add_deltas, convert_lora, linear_shapes, read_lora_file
+
+    flux = random_flux("dev", 0)
+    path = str(tmp_path / "trained.safetensors")
+    data = batch(5)
+    dataset = CachedDataset.from_samples(list(data.latents), data.text, data.pooled, ["a", "b"], torch.zeros(L, 64),
+                                         torch.zeros(64))
+    sigma = torch.tensor([0.3, 0.8])
+    settings = TrainSettings(steps=3, rank=4, alpha=8.0, learning_rate=1e-2, lora_layers="all", seed=2)
+    with LoraTrainer(flux, settings, torch.device("cpu")) as trainer:
+        trainer.train(trainer.dataset_loss(dataset), checkpoint=path)
+        with torch.no_grad():
+            ours = flow_prediction(flux, data.latents, sigma, data.text, data.pooled, GUIDANCE)
+    lora = read_lora_file(path)
+    converted = convert_lora(lora.tensors, RouteTable.build(linear_shapes(flux, "transformer.")), lora.metadata,
+                             lora.adapter_config, source="trained")
+    assert converted.unmatched == () and converted.layers_matched == len(lora.tensors) // 2
+    merged = copy.deepcopy(flux)
+    weights = dict(merged.named_parameters())
+    with torch.no_grad():
+        for key, adapters in converted.component_patches("transformer").items():
+            add_deltas(weights[key.removeprefix("transformer.")].data, adapters, 1.0)
+        theirs = flow_prediction(merged, data.latents, sigma, data.text, data.pooled, GUIDANCE)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
