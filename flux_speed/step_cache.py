@@ -1,18 +1,38 @@
 """First-block step cache as diffusers block hooks on the transformer the sampler calls.
 
-When the first double block's image residual has changed little since the last step that ran the whole network,
-the other blocks are skipped and their summed residual from that step is reused (the idea of ParaAttention's
-First-Block Cache and TeaCache: consecutive steps of a rectified-flow sampler change slowly in the middle of the
-schedule). diffusers' own `apply_first_block_cache` does the same skip, but it reuses the residual *including*
-the ControlNet additions diffusers' forward makes between blocks, so with a ControlNet the skipped step adds
-them twice; it also has no step window and no cap on consecutive reuses. These hooks keep diffusers' forward and
-its hook registry and differ only there: the reused residual is the blocks' own (ControlNet residuals of the
-current step are still added by the forward), reuse happens only inside a window of sampling progress and at most
-`max_consecutive` times in a row, and the state is kept per prompt stream (positive / negative).
+The first double block always runs; when reusing the other blocks' summed residual from the last full step is
+estimated to change the final latent by little, the other blocks are skipped and that residual is added instead
+(the idea of ParaAttention's First-Block Cache, with the error accounting of TeaCache/EasyCache: consecutive steps
+of a rectified-flow sampler change slowly in the middle of the schedule). diffusers' own `apply_first_block_cache`
+does the same skip, but it reuses the residual *including* the ControlNet additions diffusers' forward makes
+between blocks, so with a ControlNet the skipped step adds them twice; it also has no step window, no cap on
+consecutive reuses and a fixed per-step threshold. These hooks keep diffusers' forward and its hook registry and
+differ there: the reused residual is the blocks' own (ControlNet residuals of the current step are still added
+by the forward), reuse happens only inside a window of sampling progress and at most `max_consecutive` times in a
+row, the state is kept per prompt stream (positive / negative), and the decision is an error estimate:
+
+    estimate_i = rate * change_i * |sigma_prev - sigma_i|,  reuse while  sum of estimates since the full step < threshold
+
+- `change_i` is the first block's image-residual change since the last full step, mean|r - r_full| / mean|r_full|;
+- `rate` is how the deep blocks' residual changed relative to the first block's between the last two full steps
+  (their ratio of relative changes; 1 until two full steps were seen), so the estimate is of the deep residual
+  the reuse gets wrong, calibrated on this model, prompt and stage of the schedule;
+- the step size `|sigma_prev - sigma_i|` (the previous evaluation's sigma to this one's, from the transformer's
+  own `timestep` input) turns a velocity error into the latent error it causes: an Euler step moves the latent by
+  the step size times the velocity. The sum therefore estimates the final latent's relative change. (With fewer
+  steps the same threshold still reuses less: at 12 steps 0.01 reused 14 % against 50 % at 28 steps, on the
+  embedded model; docs/performance.md.)
+
+Why not the previous rule (reuse while `change_i` < threshold): on the trained embedded model the first block
+changes by 6-11 % per step at 28 steps, so every threshold under 0.06 reused nothing and reuse jumped to 36 % at
+0.1, while a run of reuses with each step just under the threshold piled up error (5.5 % worst final-latent
+error at 36 % reuse against 2.9 % for core's EasyCache at 26 %); measured in
+docs/bench/embedded_step_cache_v1_validation_2026-12-01.json.
 
 The decision runs in eager Python around each block, so it composes with blocks compiled by `compile_blocks`
 (their compiled forward is what the hooks call) and with weight-fused LoRAs. The sampler says which step and
-stream each evaluation belongs to (`StepCacheState.evaluation`): nothing is inferred from sigma or prompt content.
+stream each evaluation belongs to (`StepCacheState.evaluation`): progress is never inferred from sigma; sigma is
+read only as the step size.
 """
 
 from __future__ import annotations
@@ -27,15 +47,16 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..flux_sampler.progress import StepPosition
 
 HOOK_NAME = "fluxworks_step_cache"
+DEFAULT_THRESHOLD = 0.01  # chosen on the validation captions, docs/performance.md "Step cache"
 
 
 @dataclass(frozen=True)
 class StepCacheConfig:
-    """Reuse when the relative change of the first block's residual since the last full step,
-    mean|r - r_full| / mean|r_full|, is below `threshold`, only for progress in [start, end], at most
-    `max_consecutive` times in a row."""
+    """Reuse while the estimated relative change of the final latent that the reuses since the last full step add
+    (see the module docstring) stays below `threshold`, only for progress in [start, end], at most
+    `max_consecutive` times in a row. 0 switches reuse off."""
 
-    threshold: float = 0.1
+    threshold: float = DEFAULT_THRESHOLD
     start_percent: float = 0.1
     end_percent: float = 0.9
     max_consecutive: int = 3  # force a full step after this many reuses, so errors cannot pile up
@@ -55,6 +76,9 @@ class _Stream:
     first_residual: torch.Tensor | None = None  # first block's image residual at the last full step
     rest_residual: torch.Tensor | None = None  # the other blocks' own summed residual at that step
     consecutive: int = 0
+    rate: float = 1.0  # deep-residual change per first-block change, measured between the last two full steps
+    spent: float = 0.0  # summed error estimates of the reuses since the last full step
+    sigma: float | None = None  # sigma of this stream's previous evaluation
 
 
 @dataclass
@@ -65,6 +89,8 @@ class _Evaluation:
     position: StepPosition
     skipping: bool = False
     with_control: bool = False
+    step_size: float = 0.0  # |sigma_prev - sigma| of this evaluation
+    change: float | None = None  # first-block change since the last full step (None: nothing to compare)
     first_out: torch.Tensor | None = None  # first block's image output (full steps)
     first_residual: torch.Tensor | None = None
     summed: torch.Tensor | None = None  # running sum of block residuals (full steps with ControlNets)
@@ -73,13 +99,15 @@ class _Evaluation:
 @dataclass
 class StepCacheState:
     """One sampling run's cache; `hits` and `misses` count skipped and full block stacks, `changes` the measured
-    first-block change of every compared evaluation, `reused_steps` the step indices where any stream reused."""
+    first-block change of every evaluation compared inside the window, `estimates` the error estimate of each,
+    `reused_steps` the step indices where any stream reused."""
 
     config: StepCacheConfig
     streams: dict[str, _Stream] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
     changes: list[float] = field(default_factory=list)
+    estimates: list[float] = field(default_factory=list)
     reused_steps: list[int] = field(default_factory=list)
     on_skip: Callable[[], None] | None = None  # told when the rest of a pass is skipped (block offload)
     current: _Evaluation | None = None
@@ -88,6 +116,7 @@ class StepCacheState:
         self.streams.clear()
         self.hits = self.misses = 0
         self.changes.clear()
+        self.estimates.clear()
         self.reused_steps.clear()
         self.current = None
 
@@ -105,18 +134,28 @@ class StepCacheState:
             raise RuntimeError("the step cache needs each transformer call inside StepCacheState.evaluation(...)")
         return self.current, self.streams.setdefault(self.current.stream, _Stream())
 
+    def note_sigma(self, sigma: float) -> None:
+        """The evaluation's sigma (the transformer's `timestep` input): its step size is the distance from the
+        stream's previous evaluation."""
+        ev, s = self._stream()
+        ev.step_size = abs(s.sigma - sigma) if s.sigma is not None else 0.0
+        s.sigma = sigma
+
     def decide(self, first_residual: torch.Tensor) -> bool:
         """Whether this evaluation reuses the rest of the network; records the decision."""
         ev, s = self._stream()
         cfg = self.config
         reuse = False
-        if (s.first_residual is not None and s.rest_residual is not None and cfg.threshold > 0
-                and ev.position.within(cfg.start_percent, cfg.end_percent) and s.consecutive < cfg.max_consecutive
-                and s.first_residual.shape == first_residual.shape):
-            prev = s.first_residual
-            change = float((first_residual - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
-            self.changes.append(change)
-            reuse = change < cfg.threshold
+        if s.first_residual is not None and s.first_residual.shape == first_residual.shape:
+            ev.change = _relative_change(first_residual, s.first_residual)
+        if (ev.change is not None and s.rest_residual is not None and cfg.threshold > 0
+                and ev.position.within(cfg.start_percent, cfg.end_percent) and s.consecutive < cfg.max_consecutive):
+            estimate = s.rate * ev.change * ev.step_size
+            self.changes.append(ev.change)
+            self.estimates.append(estimate)
+            reuse = s.spent + estimate < cfg.threshold
+            if reuse:
+                s.spent += estimate
         ev.skipping = reuse
         if reuse:
             s.consecutive += 1
@@ -126,13 +165,22 @@ class StepCacheState:
         return reuse
 
     def record_full(self, first_residual: torch.Tensor, rest_residual: torch.Tensor) -> None:
-        _, s = self._stream()
-        s.first_residual, s.rest_residual, s.consecutive = first_residual, rest_residual, 0
+        """A full evaluation: recalibrate the rate from the change since the last full step, then keep its
+        residuals as the new reference."""
+        ev, s = self._stream()
+        if ev.change is not None and s.rest_residual is not None and s.rest_residual.shape == rest_residual.shape:
+            s.rate = _relative_change(rest_residual, s.rest_residual) / max(ev.change, 1e-12)
+        s.first_residual, s.rest_residual, s.consecutive, s.spent = first_residual, rest_residual, 0, 0.0
         self.misses += 1
 
 
+def _relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
+    """mean|current - reference| / mean|reference| over the whole batch (one decision per batch)."""
+    return float((current - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+
+
 class _EntryHook(ModelHook):
-    """On the transformer: notes whether this call carries ControlNet residuals."""
+    """On the transformer: notes whether this call carries ControlNet residuals, and its sigma."""
 
     def __init__(self, state: StepCacheState) -> None:
         super().__init__()
@@ -142,6 +190,10 @@ class _EntryHook(ModelHook):
         ev, _ = self.state._stream()
         ev.with_control = (kwargs.get("controlnet_block_samples") is not None
                            or kwargs.get("controlnet_single_block_samples") is not None)
+        timestep = kwargs.get("timestep")
+        if timestep is None:
+            raise ValueError("the step cache needs the transformer called with timestep= (diffusers' keyword)")
+        self.state.note_sigma(float(timestep.flatten()[0]))
         return args, kwargs
 
 

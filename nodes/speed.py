@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..flux_speed.fp8_linear import FP8_ACTIVATIONS, FP8_SCALINGS
 from ..flux_speed.prepare import ATTENTION_CHOICES, SpeedOptions
-from ..flux_speed.step_cache import StepCacheConfig
+from ..flux_speed.step_cache import DEFAULT_THRESHOLD, StepCacheConfig
 from . import host
 
 OPTIONS_KEY = "fluxworks_speed"
@@ -76,12 +76,18 @@ class FluxWorksStepCache:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (host.FLUX_MODEL,),
-            "threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.01,
-                                    "tooltip": "Reuse the previous step's deep-block residual when the first block "
-                                               "changed less than this (relative). 0 = off."}),
-            "start_percent": ("FLOAT", {"default": 0.1, **_PERCENT}),
-            "end_percent": ("FLOAT", {"default": 0.9, **_PERCENT}),
-            "max_consecutive": ("INT", {"default": 3, "min": 1, "max": 100}),
+            "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.001,
+                                    "tooltip": "Error budget: reuse the deep blocks' residual from the last full "
+                                               "step while the estimated relative change of the final latent "
+                                               "(first-block change x measured deep/first change rate x step "
+                                               "size, summed over the reused steps) stays below this. Higher = "
+                                               "more reuse, faster, further from the uncached image. 0 = off."}),
+            "start_percent": ("FLOAT", {"default": StepCacheConfig.start_percent, **_PERCENT,
+                                        "tooltip": "No reuse before this share of the steps."}),
+            "end_percent": ("FLOAT", {"default": StepCacheConfig.end_percent, **_PERCENT,
+                                      "tooltip": "No reuse after this share of the steps."}),
+            "max_consecutive": ("INT", {"default": StepCacheConfig.max_consecutive, "min": 1, "max": 100,
+                                        "tooltip": "At most this many reused steps in a row."}),
         }}
 
     RETURN_TYPES = (host.FLUX_MODEL,)

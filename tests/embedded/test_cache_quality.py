@@ -4,12 +4,16 @@ setting without cache."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
 
 from evaluation.benchmark import NOISE_SEED, Setting, run
 from evaluation.cache_quality import relative_errors
+from evaluation.step_cache_curve import reuse_bound
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from fluxworks.flux_speed.step_cache import StepCacheConfig
 from training.shapes import held_out_captions
@@ -56,3 +60,25 @@ def test_benchmark_cache_row_reports_reuse_and_error(embedded_pipeline, tmp_path
     assert (row["cache_reused_calls"], row["cache_calls"], row["cache_reused_share"]) == (1, 2, 0.5)
     assert row["latent_rel_error_mean"] > 0 and row["latent_rel_error_max"] >= row["latent_rel_error_mean"]
     assert 0.0 <= row["adherence_no_cache"] <= 1.0 and row["pixel_mean_abs_diff"] > 0
+
+
+MONOTONE_STEPS = 28  # the step count of the measured curve (docs/bench/embedded_step_cache_validation_2026-12-01.json)
+MONOTONE_THRESHOLDS = (0.0, 0.002, 0.004, 0.01, 0.05)
+
+
+def test_reuse_moves_monotonically_across_the_threshold_range(embedded_pipeline):
+    """The threshold sets the reuse: with the node's window and cap, reuse grows step by step from none to most
+    steps as the threshold grows, the smallest nonzero threshold reuses something without reaching the cap's bound
+    (so the cap alone does not decide, which would be fixed skipping), and the latent error grows with it."""
+    uncached = embedded_pipeline.sample(CAPTIONS[:1], SEEDS[:1], MONOTONE_STEPS, CURVE)
+    reused, errors = [], []
+    for threshold in MONOTONE_THRESHOLDS:
+        config = replace(StepCacheConfig(), threshold=threshold)
+        cached = embedded_pipeline.sample(CAPTIONS[:1], SEEDS[:1], MONOTONE_STEPS, CURVE, cache=config)
+        reused.append(cached.cache.reused)
+        errors.append(float(relative_errors(cached.latents, uncached.latents)[0]))
+    assert reused[0] == 0 and errors[0] == 0.0
+    assert all(a < b for a, b in pairwise(reused)), reused  # strictly more reuse at every larger threshold
+    assert reused[-1] <= reuse_bound(StepCacheConfig(), MONOTONE_STEPS)
+    assert 0 < reused[1] < reuse_bound(StepCacheConfig(), MONOTONE_STEPS) // 2, reused
+    assert errors[1] < errors[-1], errors
