@@ -622,3 +622,119 @@ def step_callback(device: torch.device, steps: int, preview_vae: str | None = No
         check_interrupt()
 
     return callback
+
+
+# --- regional prompts on a core MODEL (FluxWorks Regional Core Model) -------------------------------------------
+
+REGIONAL_MASK_OPTION = "fluxworks_regional_mask"  # transformer_options key: the joint mask of this call
+
+
+def regional_core_model(model, extend: Callable, blocks: Callable[[int, int], Iterable[int]]):
+    """A clone of a core FLUX.1 MODEL whose positive passes carry regional prompts: for every batch chunk core marks
+    as cond (`cond_or_uncond` 0), `extend(context, latent_hw, sample_sigmas, timestep)` returns (region text to
+    append to the context, additive (1, 1, L, L) attention mask or None outside the window), and the mask reaches
+    the blocks `blocks(double, single)` chooses (indices in double-then-single order) through core's "dit"
+    block-replace patches, which hand `attn_mask` to the block (core's Flux blocks pass it to
+    `optimized_attention`). Uncond chunks (KSampler's negative) run unchanged, each chunk in its own call since
+    the positive one's text is longer. Any model function wrapper or block patch already set still runs."""
+    patched = model.clone()
+    previous = patched.model_options.get("model_function_wrapper")
+
+    def call(apply_model, args):
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def regional(apply_model, args):
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        flags = list(args.get("cond_or_uncond") or [])
+        options = c.get("transformer_options", {})
+        if 0 not in flags or x.shape[0] % len(flags):
+            return call(apply_model, args)
+        per = x.shape[0] // len(flags)
+        outputs = []
+        for chunk, flag in enumerate(flags):
+            rows = slice(chunk * per, (chunk + 1) * per)
+            part = {k: _rows(v, rows, x.shape[0]) for k, v in c.items()}
+            part["transformer_options"] = {**options, "cond_or_uncond": [flag]}
+            if isinstance(c.get("control"), dict):  # a core ControlNet's residuals, made for the whole batch
+                part["control"] = {k: [_rows(v, rows, x.shape[0]) for v in vs] if isinstance(vs, list) else vs
+                                   for k, vs in c["control"].items()}
+            if flag == 0:
+                text, mask = extend(part["c_crossattn"], tuple(x.shape[-2:]), options.get("sample_sigmas"), timestep)
+                part["c_crossattn"] = torch.cat([part["c_crossattn"], text.to(part["c_crossattn"]).expand(
+                    per, -1, -1)], dim=1)
+                if mask is not None:
+                    part["transformer_options"][REGIONAL_MASK_OPTION] = mask.to(x.device)
+            outputs.append(call(apply_model, {**args, "input": x[rows], "timestep": _rows(timestep, rows, x.shape[0]),
+                                              "c": part,
+                                              "cond_or_uncond": [flag]}))
+        return torch.cat(outputs)
+
+    patched.set_model_unet_function_wrapper(regional)
+    diffusion = patched.get_model_object("diffusion_model")
+    double = len(diffusion.double_blocks)
+    chosen = blocks(double, len(diffusion.single_blocks))
+    replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for index in sorted(chosen):
+        key = ("double_block", index) if index < double else ("single_block", index - double)
+        patched.set_model_patch_replace(_masked_block(replace.get(key)), "dit", *key)
+    return patched
+
+
+def _rows(value, rows: slice, batch: int):
+    return value[rows] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch else value
+
+
+def _masked_block(previous):
+    def block(args, extra):
+        mask = args.get("transformer_options", {}).get(REGIONAL_MASK_OPTION)
+        if mask is not None:
+            args = {**args, "attn_mask": mask.to(args["img"].dtype) if mask.is_floating_point() else mask}
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    return block
+
+
+# --- LoRA training (FluxWorks LoRA Dataset / Train LoRA) -------------------------------------------------------
+
+def input_directory() -> str:
+    """ComfyUI's input folder, where dataset folders live."""
+    return folder_paths.get_input_directory()
+
+
+def lora_output_folder() -> str:
+    """The first `loras` folder (models/loras), where trained LoRAs are written."""
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def device_total_memory(device: torch.device) -> int:
+    """The device's total memory as core counts it (system RAM for the CPU): what a training run may use once
+    other models are evicted."""
+    return int(mm.get_total_memory(device))
+
+
+def load_for_training(patcher, memory_required: int) -> torch.device:
+    """Load the whole model (LoRA patches merged) to its device, evicting other models to leave `memory_required`
+    bytes free for the training's activations and optimiser."""
+    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    return patcher.load_device
+
+
+def training_progress(steps: int) -> Callable[[int, str, object], None]:
+    """ComfyUI's progress bar for a training run: `update(step, text, preview)` advances it, shows `text` (the loss)
+    on the node, and `preview` (a PIL picture, or None) as the node's live preview."""
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    pbar = comfy.utils.ProgressBar(steps)
+    context = get_executing_context()
+    node_id = None if context is None else context.node_id
+
+    def update(step: int, text: str, preview) -> None:
+        pbar.update_absolute(step, steps, None if preview is None else ("PNG", preview, 512))
+        server = getattr(PromptServer, "instance", None)  # absent when ComfyUI runs without its server
+        if node_id is not None and server is not None:
+            server.send_progress_text(text, node_id)
+
+    return update

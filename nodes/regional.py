@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..flux_models.text_encoders import encode
-from ..flux_sampler.regional import BLOCK_SETS, RegionalConditioning, RegionalSettings
+from ..flux_sampler.guidance import progress_from_sigma
+from ..flux_sampler.regional import BLOCK_SETS, RegionalConditioning, RegionalSettings, joint_mask
 from ..flux_sampler.sampling import TextConditioning
 from . import host
 
@@ -271,5 +272,86 @@ class FluxWorksRegionalPrompt:
         return result.t5_embeds.to(out), {"pooled_output": result.clip_pooled.to(out)}
 
 
-NODE_CLASS_MAPPINGS = {"FluxWorksRegionalPrompt": FluxWorksRegionalPrompt}
-NODE_DISPLAY_NAME_MAPPINGS = {"FluxWorksRegionalPrompt": "FluxWorks Regional Prompt"}
+class CoreRegions:
+    """The regions of a CONDITIONING for a core MODEL (FluxWorksRegionalCoreModel): KSampler's positive prompt is
+    the global text, these regions' texts follow it, and the joint mask is built per latent size (areas and masks
+    are resolved at the image size, as the FluxWorks Sampler does) and applied inside the settings' window, whose
+    progress comes from core's sigmas (`progress_from_sigma`, as FluxWorks Schedule Core Model reads it)."""
+
+    def __init__(self, conditioning) -> None:
+        if not is_regional(conditioning):
+            raise ValueError("FluxWorksRegionalCoreModel: regions has no region (no ConditioningSetMask / "
+                             "ConditioningSetArea entry, no FluxWorks Regional Prompt row): connect the regional "
+                             "conditioning, not the plain prompt")
+        if all(any(k in extras for k in _REGION_KEYS) for _, extras in conditioning):
+            # no global entry: KSampler's positive prompt is the global text here, so none is needed
+            tokens, extras = conditioning[0]
+            conditioning = [[tokens[:, :0], {"pooled_output": extras.get("pooled_output")}], *conditioning]
+        self.conditioning = conditioning
+        self.width = conditioning[0][0].shape[-1]
+        self.settings = next((RegionalSettings(**extras[SETTINGS_KEY]) for _, extras in conditioning
+                              if SETTINGS_KEY in extras), RegionalSettings(0.0, DEFAULT_END_PERCENT, DEFAULT_BLOCKS))
+        self._built: dict[tuple[int, int], RegionalConditioning] = {}
+        self._warned = False
+        # checked now, at a nominal image size, so a bad region fails when the node runs rather than mid-sampling
+        self.regional(64, 64)
+
+    def regional(self, latent_h: int, latent_w: int) -> RegionalConditioning:
+        key = (latent_h, latent_w)
+        if key not in self._built:
+            cond = regional_conditioning(self.conditioning, "regions", self.width, (latent_h * 8, latent_w * 8))
+            if not isinstance(cond, RegionalConditioning):
+                raise ValueError("FluxWorksRegionalCoreModel: every region of regions has strength 0")
+            self._built[key] = cond
+        return self._built[key]
+
+    def extend(self, context: torch.Tensor, latent_hw: tuple[int, int], sigmas, timestep):
+        """(region texts, additive joint mask) for a positive chunk; the mask is None outside the window, where the
+        texts still follow the global prompt unmasked (as in the FluxWorks Sampler)."""
+        cond = self.regional(*latent_hw)
+        if context.shape[-1] != self.width:
+            raise ValueError(f"FluxWorksRegionalCoreModel: KSampler's prompt has T5 width {context.shape[-1]} but "
+                             f"the regions' prompts have {self.width}: encode both with the same text encoders")
+        glob = cond.embeds[:, : cond.global_length]
+        if not self._warned and glob.shape[1] and (glob.shape[1] != context.shape[1] or not torch.allclose(
+                glob[0].to(context), context[0], atol=1e-5)):
+            self._warned = True
+            logger.warning("FluxWorksRegionalCoreModel: KSampler's positive prompt is not the regions' global prompt; "
+                           "KSampler's is used as the global prompt")
+        texts = cond.embeds[:1, cond.global_length:]
+        if sigmas is not None:
+            progress = progress_from_sigma(sigmas, timestep)
+            if not self.settings.start_percent <= progress <= self.settings.end_percent:
+                return texts, None
+        mask = joint_mask(context.shape[1], cond.region_lengths, cond.region_tokens(*latent_hw), cond.strengths)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        return texts, mask[None, None]
+
+
+class FluxWorksRegionalCoreModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A core FLUX.1 MODEL (Load Diffusion Model, FluxWorks Load Core Model)."}),
+            "regions": ("CONDITIONING", {"tooltip": "FluxWorks Regional Prompt's output, or core ConditioningSetMask "
+                                                    "/ SetArea regions joined by ConditioningCombine."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = ("Regional prompts for core samplers: KSampler's positive prompt is the global prompt, and each "
+                   "region's prompt reaches only its region through a joint-attention mask (the FluxWorks Sampler's "
+                   "mechanism, one forward pass per step). Connect the plain global prompt to KSampler, not the "
+                   "regional conditioning.")
+
+    def apply(self, model, regions):
+        core = CoreRegions(regions)
+        return (host.regional_core_model(model, core.extend, core.settings.block_indices),)
+
+
+NODE_CLASS_MAPPINGS = {"FluxWorksRegionalPrompt": FluxWorksRegionalPrompt,
+                       "FluxWorksRegionalCoreModel": FluxWorksRegionalCoreModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxWorksRegionalPrompt": "FluxWorks Regional Prompt",
+                              "FluxWorksRegionalCoreModel": "FluxWorks Regional Core Model"}
