@@ -8,8 +8,10 @@ for the empty prompt's embedding (kohya's `caption_dropout_rate`), which keeps t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -80,3 +82,21 @@ class CachedDataset:
             text = torch.where(drop[:, None, None], self.empty_text[None].to(text.dtype), text)
             pooled = torch.where(drop[:, None], self.empty_pooled[None].to(pooled.dtype), pooled)
         return TrainingBatch(bucket.latents[which.to(bucket.latents.device)].float(), text, pooled)
+
+
+def encode_examples(pictures: list, captions: list[str], encode_pictures: Callable, encode_texts: Callable,
+                    caption_dropout: float = 0.0, interrupt: Callable[[], None] | None = None) -> CachedDataset:
+    """Encode every picture once (`encode_pictures`: (1, H, W, 3) uint8 -> (1, 16, H/8, W/8) model-space latent)
+    and every distinct caption plus the empty prompt once (`encode_texts`: list -> ((N, L, C), (N, P))), into a
+    CachedDataset. `interrupt` (the host's cancel check) runs between pictures."""
+    latents = []
+    for pixels in pictures:
+        if interrupt is not None:
+            interrupt()
+        latents.append(encode_pictures(torch.from_numpy(np.array(pixels, dtype=np.uint8))[None])[0].float().cpu())
+    distinct = sorted(set(captions)) + [""]
+    text, pooled = encode_texts(distinct)
+    row = {c: i for i, c in enumerate(distinct)}
+    index = torch.tensor([row[c] for c in captions])
+    return CachedDataset.from_samples(latents, text[index].float().cpu(), pooled[index].float().cpu(), list(captions),
+                                      text[-1].float().cpu(), pooled[-1].float().cpu(), caption_dropout)

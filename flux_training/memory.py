@@ -42,3 +42,31 @@ def estimate_training_memory(transformer: torch.nn.Module, lora_params: int, bat
     per_tensor = batch * tokens * width * compute_bytes
     saved = (blocks + ACTIVATION_TENSORS) if checkpointing else blocks * ACTIVATION_TENSORS
     return TrainingMemory(weights, lora, saved * per_tensor)
+
+
+def lora_parameter_count(transformer: torch.nn.Module, target_modules: list[str], rank: int) -> int:
+    """Trainable numbers of a LoRA of `rank` on the linears peft would match (name equal to, or ending in, a target)."""
+    total = 0
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def check_fits(memory: TrainingMemory, available: int, device: str, checkpointing: bool, fp8_base: bool,
+               fp8_weights: int, checkpointed_activations: int) -> None:
+    """MemoryError before training when the estimate exceeds `available` bytes, with the parts and what lowers them."""
+    if memory.total <= available:
+        return
+    gib = 1024**3
+    options = []
+    if not checkpointing:
+        options.append(f"gradient_checkpointing on (activations {memory.activations / gib:.1f} -> "
+                       f"{checkpointed_activations / gib:.1f} GiB)")
+    if not fp8_base:
+        options.append(f"fp8_base on (weights {memory.weights / gib:.1f} -> {fp8_weights / gib:.1f} GiB)")
+    options.append("a lower batch_size or resolution (activations scale with both)")
+    raise MemoryError(f"training needs about {memory.total / gib:.1f} GiB on {device} (weights "
+                      f"{memory.weights / gib:.1f}, LoRA + optimiser {memory.lora / gib:.2f}, activations "
+                      f"{memory.activations / gib:.1f}, plus {int((HEADROOM - 1) * 100)} % headroom) but "
+                      f"{available / gib:.1f} GiB are available: turn " + "; or ".join(options))

@@ -1,0 +1,65 @@
+"""One training run as the Train LoRA node asks for it: memory checked first, fp8 base weights if wanted, the
+trainer with progress and interrupt, the LoRA file and its state written (also when stopped), the loss curve."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .data import CachedDataset
+from .fp8_base import FP8, fp8_base_weights
+from .lora import lora_target_modules
+from .memory import check_fits, estimate_training_memory, lora_parameter_count
+from .trainer import LoraTrainer, StepReport, TrainSettings
+
+
+@dataclass
+class TrainResult:
+    path: str
+    losses: list[float]
+    steps_done: int
+
+
+def _weights_bytes_fp8(transformer: torch.nn.Module) -> int:
+    total = 0
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith(("x_embedder", "context_embedder",
+                                                                         "time_text_embed", "norm_out", "proj_out")):
+            total -= module.weight.numel() * (module.weight.element_size() - FP8.itemsize)
+    return total + sum(t.numel() * t.element_size() for t in list(transformer.parameters()) + list(transformer.buffers()))
+
+
+def check_memory(transformer: torch.nn.Module, dataset: CachedDataset, settings: TrainSettings, device: torch.device,
+                 compute_bytes: int, available: int, fp8_base: bool) -> None:
+    """Refuse (MemoryError naming the parts and the options) a run whose estimated peak exceeds `available`."""
+    params = lora_parameter_count(transformer, lora_target_modules(transformer, settings.lora_layers), settings.rank)
+    biggest = max(dataset.buckets, key=lambda b: b.latents.shape[2] * b.latents.shape[3])
+    hw, tokens = tuple(biggest.latents.shape[2:]), biggest.text.shape[1]
+
+    def estimate(checkpointing: bool):
+        return estimate_training_memory(transformer, params, settings.batch_size, hw, tokens, compute_bytes,
+                                        checkpointing, settings.optimizer)
+
+    memory = estimate(settings.gradient_checkpointing)
+    fp8_weights = _weights_bytes_fp8(transformer)
+    if fp8_base:
+        memory = type(memory)(fp8_weights, memory.lora, memory.activations)
+    check_fits(memory, available, str(device), settings.gradient_checkpointing, fp8_base, fp8_weights,
+               estimate(True).activations)
+
+
+def run_training(transformer: torch.nn.Module, dataset: CachedDataset, settings: TrainSettings, device: torch.device,
+                 path: str, compute: torch.dtype, resume: str | None = None, fp8_base: bool = False,
+                 save_every: int = 0, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
+    """Train on `transformer` (already on `device`), writing `path` (+ its state) at the end, every `save_every`
+    steps, and when `progress` raises (ComfyUI's interrupt): the exception then propagates after the save."""
+    data = dataset.to(device)
+    with contextlib.ExitStack() as stack:
+        if fp8_base:
+            stack.enter_context(fp8_base_weights(transformer, compute))
+        trainer = stack.enter_context(LoraTrainer(transformer, settings, device, resume=resume))
+        losses = trainer.train(trainer.dataset_loss(data), progress=progress, checkpoint=path, save_every=save_every)
+        return TrainResult(path, list(losses), trainer.step)
