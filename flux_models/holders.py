@@ -21,6 +21,9 @@ class FluxModel(torch.nn.Module):
         # The sampler's flux_speed.prepare.PreparedSlot: the prepared transformer kept between prompts while these
         # weights stay loaded (created by the sampler on first use; released through `release_prepared`).
         self.prepared_slot = None
+        # The FluxWorks Multi-GPU worker pool (flux_parallel.pool.WorkerPool) sampling with these weights, kept between
+        # prompts so the workers keep theirs; created and replaced by the Multi-GPU path of the sampler.
+        self.parallel_workers = None
 
     def release_prepared(self) -> None:
         """Drop the prepared transformer kept between prompts (its fp8 copies and compiled blocks' guards): the host

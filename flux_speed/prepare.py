@@ -155,7 +155,8 @@ def clone_structure(module: torch.nn.Module) -> torch.nn.Module:
 
 def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
             compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None,
-            regional: bool = False) -> PreparedTransformer:
+            regional: bool = False, parallel: Callable[[torch.nn.Module], None] | None = None
+            ) -> PreparedTransformer:
     """The transformer for one sampling run. Built after the host has loaded (and LoRA-patched) the weights, and
     dropped after the run, so it never holds stale weights; torch.compile's code cache is keyed by the blocks'
     code and guards, so later prompts reuse the compiled blocks instead of recompiling. Calibrated fp8 scales live
@@ -168,15 +169,20 @@ def prepare(transformer: torch.nn.Module, options: SpeedOptions, device: torch.d
     cache skips is never fetched. `interrupt` (the host's cancel check, which raises to stop) is called before
     every block and, on the CPU, between pieces of a long block (flux_speed.interrupt), so a cancel is honoured
     within a fraction of a second even when one block takes minutes. Call `close()` when
-    the run ends. `regional` attaches the regional-prompt mask router (flux_sampler.regional)."""
+    the run ends. `regional` attaches the regional-prompt mask router (flux_sampler.regional). `parallel` (a
+    FluxWorks Multi-GPU worker's context parallelism, flux_parallel.worker) is applied to the clone once its
+    attention backend is set and before compile, so the compiled blocks trace its collectives."""
     needs_clone = (options.compile or options.fp8_matmul or device.type == "cuda" or options.attention != "auto"
-                   or options.offload or options.cache is not None or interrupt is not None or regional)
+                   or options.offload or options.cache is not None or interrupt is not None or regional
+                   or parallel is not None)
     if not needs_clone:
         return PreparedTransformer(transformer, options)
     model = clone_structure(transformer)
     backend = best_attention_backend(device) if options.attention == "auto" else _BACKENDS[options.attention]
     if backend != "native" or options.attention != "auto":  # "native" is diffusers' own default: nothing to set
         set_attention_backend(model, backend)
+    if parallel is not None:
+        parallel(model)
     if options.fp8_matmul:
         if fp8_matmul_supported(device):
             quantize_transformer_linears(model, compute_dtype, scaling=options.fp8_scaling,
@@ -232,14 +238,16 @@ class PreparedSlot:
 
     def get(self, transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
             compute_dtype: torch.dtype, interrupt: Callable[[], None] | None,
-            weights_tag: object = None, regional: bool = False) -> PreparedTransformer:
+            weights_tag: object = None, regional: bool = False,
+            parallel: Callable[[torch.nn.Module], None] | None = None) -> PreparedTransformer:
         if options.offload:
             self.release()
-            return prepare(transformer, options, device, compute_dtype, interrupt, regional)
-        key = (options, str(device), compute_dtype, interrupt, regional, weights_tag, self.fingerprint(transformer))
+            return prepare(transformer, options, device, compute_dtype, interrupt, regional, parallel)
+        key = (options, str(device), compute_dtype, interrupt, regional, parallel is not None, weights_tag,
+               self.fingerprint(transformer))
         if self.prepared is None or key != self.key:
             self.release()
-            self.prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional)
+            self.prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional, parallel)
             self.key = key
         return self.prepared
 
@@ -251,16 +259,17 @@ class PreparedSlot:
 
 def sample_prepared(transformer: torch.nn.Module, options: SpeedOptions, device: torch.device,
                     compute_dtype: torch.dtype, interrupt: Callable[[], None] | None = None,
-                    slot: PreparedSlot | None = None, weights_tag: object = None, **sample_args):
+                    slot: PreparedSlot | None = None, weights_tag: object = None,
+                    parallel: Callable[[torch.nn.Module], None] | None = None, **sample_args):
     """Prepare `transformer` with `options` (or reuse what `slot` kept from the last run) and run `sample_flux`
     on it (keyword arguments as sample_flux takes, without `transformer` and `compute_dtype`): what the FluxWorks
     Sampler node runs once the host has loaded the weights and made the conditioning, and what the parity tests
     and benchmarks call. Returns (model-space latent, denoiser, prepared)."""
     regional = isinstance(sample_args.get("positive"), RegionalConditioning)
     if slot is not None:
-        prepared = slot.get(transformer, options, device, compute_dtype, interrupt, weights_tag, regional)
+        prepared = slot.get(transformer, options, device, compute_dtype, interrupt, weights_tag, regional, parallel)
     else:
-        prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional)
+        prepared = prepare(transformer, options, device, compute_dtype, interrupt, regional, parallel)
     kept = slot is not None and slot.prepared is prepared
     try:
         with prepared.run():

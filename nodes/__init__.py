@@ -3,9 +3,9 @@
 Each module below defines NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for its node family.
 """
 
-from . import controlnet, guidance, host, loaders, lora, regional, sampler, speed, text_encode
+from . import controlnet, guidance, host, loaders, lora, multi_gpu, regional, sampler, speed, text_encode
 
-_MODULES = (loaders, text_encode, guidance, sampler, lora, controlnet, speed, regional)
+_MODULES = (loaders, text_encode, guidance, sampler, lora, controlnet, speed, multi_gpu, regional)
 
 host.register_embedded_model()
 

@@ -534,7 +534,9 @@ def core_flux_model(flux_file: FluxFile, weight_dtype: str):
     if options.get("fp8_optimizations"):
         model_config.optimizations["fp8"] = True
     model = model_config.get_model(state, "").to(offload_device)
-    missing = sorted(set(model.diffusion_model.state_dict()) - set(model_config.process_unet_state_dict(state)))
+    # The layers' own tensors; quantized ops add optional ones (scale_input) that core fills in when absent.
+    needed = {k for k in model.diffusion_model.state_dict() if k.rsplit(".", 1)[-1] in ("weight", "bias", "scale")}
+    missing = sorted(needed - set(model_config.process_unet_state_dict(state)))
     if missing:
         raise ValueError(f"{flux_file.path}: weights missing for ComfyUI's FLUX.1 model: {missing[:6]} "
                          f"({len(missing)} in all): the file is incomplete; download it again")
@@ -622,6 +624,40 @@ def step_callback(device: torch.device, steps: int, preview_vae: str | None = No
         check_interrupt()
 
     return callback
+
+
+# --- several GPUs (FluxWorks Multi-GPU) --------------------------------------------------------------------------
+
+def weight_patches_id(patcher) -> object:
+    """Which set of weight patches (LoRAs and strengths) `patcher` carries (core's `patches_uuid`: a new one on
+    every add_patches, shared by clones with the same patches). The Multi-GPU workers' weights are kept at this id."""
+    return patcher.patches_uuid
+
+
+def patched_transformer_names(patcher) -> frozenset[str]:
+    """The transformer parameter names `patcher`'s weight patches change (FluxModel keys are `transformer.<name>`)."""
+    prefix = "transformer."
+    return frozenset(k[len(prefix):] for k in patcher.patches if k.startswith(prefix))
+
+
+@contextlib.contextmanager
+def patched_in_host_memory(patcher) -> Iterator[torch.nn.Module]:
+    """The transformer with `patcher`'s weight patches merged, in CPU memory, for sending to the Multi-GPU workers:
+    the server's own GPU never holds it. As in `streamed_on_device`, the model is patched outside the memory
+    manager's bookkeeping and unpatched on exit, back to the clean state a fresh model has."""
+    _unload(patcher)
+    try:
+        patcher.patch_model(device_to=patcher.offload_device)
+        yield patcher.model.transformer
+    finally:
+        patcher.unpatch_model(device_to=patcher.offload_device)
+
+
+def progress_callback(steps: int) -> Callable[[int, int], None]:
+    """ComfyUI's progress bar, advanced as the Multi-GPU workers report steps (no live preview: the latents stay
+    on the workers until the end)."""
+    pbar = comfy.utils.ProgressBar(steps)
+    return lambda step, total: pbar.update_absolute(step + 1, total)
 
 
 # --- regional prompts on a core MODEL (FluxWorks Regional Core Model) -------------------------------------------

@@ -14,7 +14,7 @@ from ..flux_sampler.memory import estimate_sampling_memory, gib
 from ..flux_sampler.sampling import TextConditioning
 from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len, shift_to_mu
 from ..flux_speed.prepare import PreparedSlot, sample_prepared
-from . import controlnet, host, speed
+from . import controlnet, host, multi_gpu, speed
 from .regional import is_regional, regional_conditioning
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,13 @@ class FluxWorksSampler:
         noise = make_noise(samples.shape, seed)
         controls = controlnet.SamplerControls(positive, negative, flux, samples)
         options = speed.speed_options(patcher)
+        plan = multi_gpu.parallel_plan(patcher)
+        if plan is not None:  # FluxWorks Multi-GPU: the workers sample; this process loads nothing on a GPU
+            x = multi_gpu.sample_on_workers(
+                patcher, plan, options, has_controls=bool(controls.applied), steps=steps, positive=pos,
+                negative=neg, latent=to_model_space(samples.to(torch.float32)), noise=noise, sigmas=sigmas,
+                curve=curve)
+            return (dict(latent_image, samples=to_vae_space(x).to(host.intermediate_device())),)
         with contextlib.ExitStack() as cleanup:
             if options.offload:  # not a full load: blocks are streamed from CPU memory (see host)
                 device = cleanup.enter_context(host.streamed_on_device(

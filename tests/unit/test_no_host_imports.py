@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tests.paths import REPO
 
-CORE_PACKAGES = ("flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet", "flux_training")
+CORE_PACKAGES = ("flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet", "flux_training",
+                 "flux_parallel")
 
 BLOCKER = """
 import importlib, sys

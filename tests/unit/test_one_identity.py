@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tests.paths import REPO
 
-PACK_PACKAGES = {"flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet", "nodes"}
+PACK_PACKAGES = {"flux_models", "flux_sampler", "flux_speed", "flux_lora", "flux_controlnet", "flux_training",
+                 "flux_parallel", "nodes"}
 OUTSIDE = ("tests", "devtools", "bench", "evaluation", "training")
 
 
