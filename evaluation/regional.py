@@ -95,6 +95,17 @@ def region_prompt(obj: ShapeObject, background: str, position: str | None = None
     return Scene((ShapeObject(obj.shape, obj.colour, obj.size, position or obj.position),), background).caption()
 
 
+def node_rows(layout: Layout, region_position: str | None = None) -> list[dict]:
+    """The layout as FluxWorks Regional Prompt's `regions` rows: each object's grid cell as a rectangle (fractions
+    of the image) with its region prompt."""
+    rows = []
+    for obj in layout.objects:
+        row, col = POSITIONS[obj.position]
+        rows.append({"prompt": region_prompt(obj, layout.scene.background, region_position),
+                     "x": col / 3, "y": row / 3, "w": 1 / 3, "h": 1 / 3})
+    return rows
+
+
 def inside(centroid: tuple[float, float], position: str) -> bool:
     x0, y0, x1, y1 = cell_box(position)
     return x0 <= centroid[0] < x1 and y0 <= centroid[1] < y1
