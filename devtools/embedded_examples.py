@@ -312,6 +312,26 @@ def _core_model(workflow: Workflow, object_info: dict) -> None:
     set_group(workflow, 3, "Core KSampler (12 steps, cfg 1.0)")
 
 
+# The regional twin: the whole caption as the global prompt, and one rectangle per object (its grid cell) with the
+# object's own caption, as evaluation/regional.py asks for a layout.
+REGIONAL_SEED = 1
+REGIONAL_CAPTION = "a large red circle on the left and a small blue square at the top right, on a yellow background"
+
+
+def _regional(workflow: Workflow, object_info: dict) -> None:
+    from evaluation.regional import Layout, node_rows
+    from training.shapes import parse_caption
+
+    rows = [{**row, "strength": 1.0, "on": True} for row in node_rows(Layout(REGIONAL_CAPTION,
+                                                                             parse_caption(REGIONAL_CAPTION)))]
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+    set_widgets(find(workflow, "FluxWorksTextEncode"), object_info, prompt=REGIONAL_CAPTION)
+    set_widgets(find(workflow, "FluxWorksRegionalPrompt"), object_info, regions=json.dumps(rows, separators=(",", ":")))
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=REGIONAL_SEED, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_regional_prompt")
+    set_group(workflow, 1, "Global prompt and a region per shape")
+
+
 TWINS: dict[str, Twin] = {
     "embedded_text_to_image": Twin("flux_dev_text_to_image", _text_to_image,
                                    "text to image at the recommended settings (the `make demo` picture)"),
@@ -331,6 +351,9 @@ TWINS: dict[str, Twin] = {
         "core_model_scheduled_guidance", _core_model,
         "FluxWorks Load Core Model gives core's KSampler the embedded model (core's UNETLoader cannot build it), "
         "with a guidance curve on the MODEL"),
+    "embedded_regional_prompt": Twin("flux_dev_regional_prompt", _regional,
+                                     "FluxWorks Regional Prompt: the whole caption as the global prompt and a rectangle "
+                                     "per shape with its own caption"),
 }
 
 

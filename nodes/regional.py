@@ -200,7 +200,7 @@ class FluxWorksRegionalPrompt:
             "required": {
                 "conditioning": ("CONDITIONING", {"tooltip": "The global prompt: the whole picture and the "
                                                              "background outside every region."}),
-                "regions": ("STRING", {"multiline": True, "default": "[]",
+                "regions": ("STRING", {"default": "[]",
                                        "tooltip": "Rows of {prompt, x, y, w, h (fractions of the image), strength, "
                                                   "on}; drawn and edited as rectangles on the node."}),
                 "start_percent": ("FLOAT", {"default": 0.0, **percent,

@@ -35,6 +35,7 @@ EXPECTED = {
     "embedded_lora_stack": ("purple", {"yellow": "center"}),
     "embedded_controlnet_canny": ("blue", {"yellow": "top right"}),  # the caption says center; the edges win
     "embedded_core_model_scheduled_guidance": ("blue", {"green": "left", "white": "right"}),
+    "embedded_regional_prompt": ("yellow", {"red": "left", "blue": "top right"}),
 }
 
 
