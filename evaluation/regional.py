@@ -22,6 +22,8 @@ of the region's colour and shape is detected with its centroid inside the region
 colour is detected with its centroid outside it. `placement_colour` counts colour only.
 
     OMP_NUM_THREADS=1 nice python -m evaluation.regional --split test --out docs/bench/regional_test.json
+    python -m evaluation.regional --split test --count 6 --windows 0.5 --blocks double --grid \
+        --out docs/img/regional_grid.png
 """
 
 from __future__ import annotations
@@ -230,6 +232,43 @@ def run(bench: RegionalBench, items: list[Layout], seeds_per_layout: int, method
     return {"method": method, "seconds": round(time.time() - start, 1), **summarise(rows), "rows": rows}
 
 
+def example_grid(bench: RegionalBench, items: list[Layout], path: str, settings: RegionalSettings,
+                 scale: int = 2) -> None:
+    """A picture of `items` (rows), one seed each (repeat 0, as `run` numbers them): the layout asked for (a render
+    with its region cells outlined), then the global caption, core's blend (emulated) and ours, each panel
+    `scale`x larger (nearest neighbour) with the region cells outlined and placement marks under it."""
+    from PIL import Image, ImageDraw
+
+    from training.shapes import render
+
+    columns = ("layout asked for", "global caption", "core blend", "FluxWorks regional")
+    images = {method: {} for method in METHODS}
+    for method in METHODS:
+        run(bench, items, 1, method, settings if method == "regional" else None, images_out=images[method])
+    size, label_h = IMAGE_SIZE * scale, 16
+    sheet = Image.new("RGB", (len(columns) * (size + 4) + 4, 20 + len(items) * (size + label_h + 4)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(columns):
+        draw.text((4 + c * (size + 4) + 4, 4), title, fill=(230, 230, 230))
+    for r, layout in enumerate(items):
+        seed = noise_seeds(len(items), 0)[r]
+        target = render(layout.scene, np.random.default_rng(seed))
+        panels = [(target, None)] + [(images[m][(layout.caption, seed)], m) for m in METHODS]
+        for c, (image, method) in enumerate(panels):
+            x, y = 4 + c * (size + 4), 20 + r * (size + label_h + 4)
+            sheet.paste(Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST), (x, y))
+            for obj in layout.objects:
+                x0, y0, x1, y1 = (v * scale for v in cell_box(obj.position))
+                draw.rectangle([x + x0, y + y0, x + x1 - 1, y + y1 - 1], outline=(255, 255, 255))
+            if method is not None:
+                marks = ["ok" if row["placement"] and not row["leak"] else ("leak" if row["leak"] else "miss")
+                         for row in score_regions(image, layout)]
+                text = " ".join(f"{o.colour} {o.shape}: {m}" for o, m in zip(layout.objects, marks, strict=True))
+                draw.text((x + 2, y + size + 2), text, fill=(200, 200, 200))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+
+
 def main() -> None:
     from tests.paths import tokenizer_folders
 
@@ -242,12 +281,18 @@ def main() -> None:
     parser.add_argument("--blocks", default="all", help="regional block sets to sweep, comma-separated")
     parser.add_argument("--region-position", default=None,
                         help="write every region prompt at this position (e.g. center) instead of its own cell")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="the JSON report, or with --grid the PNG")
+    parser.add_argument("--grid", action="store_true",
+                        help="write a picture of the layouts (one seed; first --windows/--blocks settings) instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     pipe = EmbeddedPipeline.load(tokenizer_folders())
     bench = RegionalBench(pipe)
     items = layouts(args.split, args.count)
+    if args.grid:
+        settings = RegionalSettings(0.0, float(args.windows.split(",")[0]), args.blocks.split(",")[0])
+        example_grid(bench, items, args.out, settings)
+        return
     results = []
     for method in args.methods.split(","):
         if method != "regional":
