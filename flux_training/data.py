@@ -84,11 +84,13 @@ class CachedDataset:
         return TrainingBatch(bucket.latents[which.to(bucket.latents.device)].float(), text, pooled)
 
 
+@torch.no_grad()
 def encode_examples(pictures: list, captions: list[str], encode_pictures: Callable, encode_texts: Callable,
                     caption_dropout: float = 0.0, interrupt: Callable[[], None] | None = None) -> CachedDataset:
     """Encode every picture once (`encode_pictures`: (1, H, W, 3) uint8 -> (1, 16, H/8, W/8) model-space latent)
     and every distinct caption plus the empty prompt once (`encode_texts`: list -> ((N, L, C), (N, P))), into a
-    CachedDataset. `interrupt` (the host's cancel check) runs between pictures."""
+    CachedDataset. `interrupt` (the host's cancel check) runs between pictures. Encoded without autograd: the
+    cached tensors carry no graph back into the encoders, whose weights may require gradients."""
     latents = []
     for pixels in pictures:
         if interrupt is not None:

@@ -12,7 +12,7 @@ import torch
 from .data import CachedDataset
 from .fp8_base import FP8, fp8_base_weights
 from .lora import lora_target_modules
-from .memory import check_fits, estimate_training_memory, lora_parameter_count
+from .memory import TrainingMemory, check_fits, estimate_training_memory, lora_parameter_count
 from .trainer import LoraTrainer, StepReport, TrainSettings
 
 
@@ -33,8 +33,9 @@ def _weights_bytes_fp8(transformer: torch.nn.Module) -> int:
 
 
 def check_memory(transformer: torch.nn.Module, dataset: CachedDataset, settings: TrainSettings, device: torch.device,
-                 compute_bytes: int, available: int, fp8_base: bool) -> None:
-    """Refuse (MemoryError naming the parts and the options) a run whose estimated peak exceeds `available`."""
+                 compute_bytes: int, available: int, fp8_base: bool) -> TrainingMemory:
+    """Refuse (MemoryError naming the parts and the options) a run whose estimated peak exceeds `available`;
+    returns the estimate (with the weights as they will be stored)."""
     params = lora_parameter_count(transformer, lora_target_modules(transformer, settings.lora_layers), settings.rank)
     biggest = max(dataset.buckets, key=lambda b: b.latents.shape[2] * b.latents.shape[3])
     hw, tokens = tuple(biggest.latents.shape[2:]), biggest.text.shape[1]
@@ -49,6 +50,7 @@ def check_memory(transformer: torch.nn.Module, dataset: CachedDataset, settings:
         memory = type(memory)(fp8_weights, memory.lora, memory.activations)
     check_fits(memory, available, str(device), settings.gradient_checkpointing, fp8_base, fp8_weights,
                estimate(True).activations)
+    return memory
 
 
 def run_training(transformer: torch.nn.Module, dataset: CachedDataset, settings: TrainSettings, device: torch.device,
@@ -63,3 +65,22 @@ def run_training(transformer: torch.nn.Module, dataset: CachedDataset, settings:
         trainer = stack.enter_context(LoraTrainer(transformer, settings, device, resume=resume))
         losses = trainer.train(trainer.dataset_loss(data), progress=progress, checkpoint=path, save_every=save_every)
         return TrainResult(path, list(losses), trainer.step)
+
+
+@torch.no_grad()
+def validation_latent(transformer: torch.nn.Module, guidance_embeds: bool, text: torch.Tensor, pooled: torch.Tensor,
+                      latent_hw: tuple[int, int], steps: int, guidance: float, seed: int,
+                      device: torch.device, compute: torch.dtype) -> torch.Tensor:
+    """One model-space latent (1, 16, H, W) sampled by the pack's sampler (Euler, the dev shift at this size) from
+    the transformer as it is right now, adapter included: the Train LoRA node's validation preview."""
+    from ..flux_sampler.guidance import GuidanceCurve
+    from ..flux_sampler.latents import LATENT_CHANNELS, make_noise
+    from ..flux_sampler.sampling import TextConditioning, sample_flux
+    from ..flux_sampler.schedule import calculate_mu, get_sigmas, image_seq_len
+
+    noise = make_noise((1, LATENT_CHANNELS, *latent_hw), seed).to(device)
+    sigmas = get_sigmas(steps, calculate_mu(image_seq_len(*latent_hw)) if guidance_embeds else None).to(device)
+    cond = TextConditioning(text[:1].to(device), pooled[:1].to(device))
+    x, _ = sample_flux(transformer, guidance_embeds, cond, None, torch.zeros_like(noise), noise, sigmas,
+                       GuidanceCurve.constant(guidance), compute)
+    return x

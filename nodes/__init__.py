@@ -3,9 +3,9 @@
 Each module below defines NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for its node family.
 """
 
-from . import controlnet, guidance, host, loaders, lora, multi_gpu, regional, sampler, speed, text_encode
+from . import controlnet, guidance, host, loaders, lora, multi_gpu, regional, sampler, speed, text_encode, training
 
-_MODULES = (loaders, text_encode, guidance, sampler, lora, controlnet, speed, multi_gpu, regional)
+_MODULES = (loaders, text_encode, guidance, sampler, lora, controlnet, speed, multi_gpu, regional, training)
 
 host.register_embedded_model()
 

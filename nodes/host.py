@@ -760,16 +760,20 @@ def load_for_training(patcher, memory_required: int) -> torch.device:
 def training_progress(steps: int) -> Callable[[int, str, object], None]:
     """ComfyUI's progress bar for a training run: `update(step, text, preview)` advances it, shows `text` (the loss)
     on the node, and `preview` (a PIL picture, or None) as the node's live preview."""
+    import sys
+
     from comfy_execution.utils import get_executing_context
-    from server import PromptServer
 
     pbar = comfy.utils.ProgressBar(steps)
     context = get_executing_context()
     node_id = None if context is None else context.node_id
+    # The server module as the running ComfyUI loaded it; not imported here, since without a server (nodes called
+    # in-process) importing it fails on its own `utils` package.
+    server_module = sys.modules.get("server")
 
     def update(step: int, text: str, preview) -> None:
         pbar.update_absolute(step, steps, None if preview is None else ("PNG", preview, 512))
-        server = getattr(PromptServer, "instance", None)  # absent when ComfyUI runs without its server
+        server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
         if node_id is not None and server is not None:
             server.send_progress_text(text, node_id)
 
