@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import CachedDataset
+from .data import Bucket, CachedDataset
 from .fp8_base import FP8, fp8_base_weights
 from .lora import lora_target_modules
 from .memory import TrainingMemory, check_fits, estimate_training_memory, lora_parameter_count
@@ -53,13 +53,44 @@ def check_memory(transformer: torch.nn.Module, dataset: CachedDataset, settings:
     return memory
 
 
+def ordinary_tensors(transformer: torch.nn.Module) -> int:
+    """Replace the transformer's inference tensors (made under `torch.inference_mode`, as ComfyUI runs every node,
+    so a model loaded in ComfyUI has only those) by ordinary copies with the same values: autograd refuses to save
+    an inference tensor for the backward pass, and every frozen linear weight under a LoRA is saved (for the
+    gradient of its input). One tensor at a time, so the peak is the largest weight twice. Returns how many."""
+    replaced = 0
+    for module in transformer.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or not tensor.is_inference():
+                    continue
+                copy = tensor.detach().clone()
+                table[name] = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad) \
+                    if isinstance(tensor, torch.nn.Parameter) else copy
+                replaced += 1
+    return replaced
+
+
+def _ordinary_dataset(dataset: CachedDataset, device: torch.device) -> CachedDataset:
+    """The dataset on `device` as ordinary tensors (see `ordinary_tensors`)."""
+    moved = dataset.to(device)
+    return CachedDataset([Bucket(b.latents.clone(), b.text.clone(), b.pooled.clone(), b.captions)
+                          for b in moved.buckets], moved.empty_text.clone(), moved.empty_pooled.clone(),
+                         moved.caption_dropout)
+
+
 def run_training(transformer: torch.nn.Module, dataset: CachedDataset, settings: TrainSettings, device: torch.device,
                  path: str, compute: torch.dtype, resume: str | None = None, fp8_base: bool = False,
                  save_every: int = 0, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train on `transformer` (already on `device`), writing `path` (+ its state) at the end, every `save_every`
-    steps, and when `progress` raises (ComfyUI's interrupt): the exception then propagates after the save."""
-    data = dataset.to(device)
+    steps, and when `progress` raises (ComfyUI's interrupt): the exception then propagates after the save.
+    Runs with autograd on and outside inference mode whatever the caller's mode (ComfyUI executes nodes in
+    `torch.inference_mode`)."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        ordinary_tensors(transformer)
+        data = _ordinary_dataset(dataset, device)
         if fp8_base:
             stack.enter_context(fp8_base_weights(transformer, compute))
         trainer = stack.enter_context(LoraTrainer(transformer, settings, device, resume=resume))

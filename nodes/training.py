@@ -254,6 +254,10 @@ class FluxWorksTrainLora:
             raise ValueError(f"{node}: validate_every is {validate_every} but validation_prompt and validation_vae "
                              "are not both connected: connect them, or set validate_every to 0")
         name, path = _lora_path(lora_name)
+        if float(alpha) != float(rank):
+            logger.warning("%s: alpha %g != rank %d: diffusers and FluxWorks read the scale alpha / rank from the "
+                           "file's metadata, but core's LoraLoader does not and applies this LoRA at scale 1 (set "
+                           "alpha = rank for files meant for core loaders)", node, alpha, rank)
         resume = None if resume_lora in (None, "", NO_RESUME) else host.full_path("loras", resume_lora)
         if resume is None and os.path.isfile(path):
             logger.warning("%s: %s exists and is overwritten (pick it as resume_lora to continue it instead)", node,
@@ -282,7 +286,8 @@ class FluxWorksTrainLora:
                 x = validation_latent(transformer, flux.config.guidance_embeds, validation.embeds, validation.pooled,
                                       latent_hw, validation_steps, validation_guidance, settings.seed, device,
                                       compute)
-                image = validation_vae.decode(to_vae_space(x).to(host.intermediate_device()))
+                with torch.no_grad():  # the core VAE's weights are inference tensors that require grad
+                    image = validation_vae.decode(to_vae_space(x).to(host.intermediate_device()))
                 preview = _to_pil(image)
             progress(step.step, f"step {step.step}/{step.steps}  loss {step.loss:.4f}  lr {step.lr:.2e}", preview)
             host.check_interrupt()
