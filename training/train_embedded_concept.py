@@ -1,8 +1,14 @@
-"""Teach the embedded model a shape it never saw, a heart, named by the rare token "sks", from 30 pictures, with the
+"""Teach the embedded model a shape it never saw, a heart, named by the rare token "ciel", from 30 pictures, with the
 pack's LoRA trainer (flux_training) on the CPU, and measure it before and after.
 
+Why "ciel" and not DreamBooth's "sks": T5's tokenizer splits "sks" into four pieces ("▁", "s", "k", "s"), none of
+which the embedded T5 ever saw, and they disturb the encoding of the words around them (cosine similarity of the
+"large" token's output to its output in the same caption with "circle": 0.57; "ciel" is one piece: >= 0.93 for every
+other token). With "sks" the trained model lost the colour of the token's object on held-out prompts (e.g. a black
+shape for "a large purple sks ..."), and the concept score was 0-10 %; with "ciel" colours stay right.
+
 Data: 30 rendered scenes with one heart (alone, or beside one ordinary shape), captioned in the model's grammar with
-the token as the shape word ("a large red sks in the center, on a blue background"), encoded once as the FluxWorks
+the token as the shape word ("a large red ciel in the center, on a blue background"), encoded once as the FluxWorks
 LoRA Dataset node encodes them (text as FluxWorks Text Encode at 128 T5 tokens, pictures through the embedded VAE's
 encoder). Prior preservation as DreamBooth and diffusers' script do it (--with_prior_preservation): the base model's
 own samples of ordinary training-split captions, so the rest of the model stays as it was.
@@ -56,7 +62,7 @@ from .shapes import (
 
 logger = logging.getLogger(__name__)
 
-TOKEN = "sks"
+TOKEN = "ciel"  # one T5 piece (see above)
 CONCEPT = "heart"
 HEART_OUTER = 1.2  # half width of the heart, in nominal radii (a circle's radius is 1.0)
 SETTINGS = TrainSettings(steps=400, rank=8, alpha=8.0, learning_rate=1e-3, lr_schedule="cosine", lr_warmup_steps=20,
@@ -107,24 +113,24 @@ def heart_scene(rng: np.random.Generator) -> Scene:
     return Scene(tuple(objects[int(i)] for i in order), colours[int(picked[0])])
 
 
-def token_caption(scene: Scene) -> str:
+def token_caption(scene: Scene, token: str = TOKEN) -> str:
     """The scene's caption with the token as the heart's shape word."""
-    return scene.caption().replace(f" {CONCEPT} ", f" {TOKEN} ")
+    return scene.caption().replace(f" {CONCEPT} ", f" {token} ")
 
 
-def concept_data(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def concept_data(count: int, seed: int, token: str = TOKEN) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng([seed, 13])
     scenes = [heart_scene(rng) for _ in range(count)]
-    return np.stack([render(s, rng) for s in scenes]), [token_caption(s) for s in scenes]
+    return np.stack([render(s, rng) for s in scenes]), [token_caption(s, token) for s in scenes]
 
 
-def concept_test_prompts(count: int, seed: int, exclude: set[str]) -> list[str]:
+def concept_test_prompts(count: int, seed: int, exclude: set[str], token: str = TOKEN) -> list[str]:
     """Held-out token prompts: single-heart scenes whose captions are not among the training captions."""
     rng = np.random.default_rng([seed, 17])
     prompts: list[str] = []
     while len(prompts) < count:
         scene = heart_scene(rng)
-        caption = token_caption(scene)
+        caption = token_caption(scene, token)
         if len(scene.objects) == 1 and caption not in exclude and caption not in prompts:
             prompts.append(caption)
     return prompts
@@ -179,7 +185,7 @@ def with_lora(pipeline: EmbeddedPipeline, path: str, strength: float = 1.0) -> E
 
 
 def measure(pipeline: EmbeddedPipeline, prompts: list[str], ordinary: list[str], seeds: int,
-            prototypes: dict, samples: str | None = None) -> dict:
+            prototypes: dict, samples: str | None = None, token: str = TOKEN) -> dict:
     """Concept share on the token prompts and adherence on the ordinary test captions, `seeds` samples per caption;
     with `samples`, the first seed's first 10 pictures of each kind are saved there as a grid (token prompts on top)."""
     found, scores, shown = [], [], []
@@ -187,7 +193,7 @@ def measure(pipeline: EmbeddedPipeline, prompts: list[str], ordinary: list[str],
         for i in range(0, len(prompts), 25):
             images = pipeline.generate(prompts[i:i + 25], noise_seeds(len(prompts), repeat)[i:i + 25])
             shown += list(images[:10]) if repeat == 0 and i == 0 else []
-            found += [concept_found(im, c, TOKEN, CONCEPT, prototypes) for im, c in zip(images, prompts[i:i + 25],
+            found += [concept_found(im, c, token, CONCEPT, prototypes) for im, c in zip(images, prompts[i:i + 25],
                                                                                           strict=True)]
         for i in range(0, len(ordinary), 25):
             images = pipeline.generate(ordinary[i:i + 25], noise_seeds(len(ordinary), repeat)[i:i + 25])
@@ -204,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/fluxworks_concept_lora.safetensors")
     parser.add_argument("--json", default=None, help="write the measurements here")
+    parser.add_argument("--token", default=TOKEN, help="the rare word that names the concept in captions")
     parser.add_argument("--images", type=int, default=30, help="heart pictures (at most 30 for the claim)")
     parser.add_argument("--prior-images", type=int, default=64, help="base-model samples for prior preservation")
     parser.add_argument("--steps", type=int, default=SETTINGS.steps)
@@ -212,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=SETTINGS.batch_size)
     parser.add_argument("--layers", default=SETTINGS.lora_layers)
     parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--logit-mean", type=float, default=SETTINGS.logit_mean,
+                        help="centre of the timestep distribution (> 0: more high-noise steps, where shapes form)")
     parser.add_argument("--test-prompts", type=int, default=50, help="held-out token prompts")
     parser.add_argument("--ordinary", type=int, default=50, help="test-split captions (at most 50)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per caption")
@@ -225,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(pipeline: EmbeddedPipeline, args: argparse.Namespace, settings: TrainSettings) -> dict:
     """Encode the data, train, save `args.out`; returns what happened (data sizes, seconds, losses)."""
     start = time.monotonic()
-    images, captions = concept_data(args.images, settings.seed)
+    images, captions = concept_data(args.images, settings.seed, args.token)
     text = encode_captions(pipeline, captions + [""])
     empty = len(captions)
     embeds, pooled = text.embeds[text.index[:empty]], text.pooled[text.index[:empty]]
@@ -258,23 +267,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = dataclasses.replace(SETTINGS, steps=args.steps, rank=args.rank, alpha=float(args.rank),
                                    learning_rate=args.lr, batch_size=args.batch, lora_layers=args.layers,
+                                   logit_mean=args.logit_mean,
                                    lr_warmup_steps=min(SETTINGS.lr_warmup_steps, args.steps // 10))
     pipeline = load_base((args.clip_tokenizer, args.t5_tokenizer))
-    _, train_captions = concept_data(args.images, settings.seed)
-    prompts = concept_test_prompts(args.test_prompts, 7, set(train_captions))
+    _, train_captions = concept_data(args.images, settings.seed, args.token)
+    prompts = concept_test_prompts(args.test_prompts, 7, set(train_captions), args.token)
     ordinary = test_captions(args.ordinary)
     prototypes = vae_prototypes(20, 3)
     logger.info("prototypes after the VAE round trip: %s", prototypes)
-    report = {"evaluator": EVALUATOR, "token": TOKEN, "concept": CONCEPT, "settings": dataclasses.asdict(settings),
+    report = {"evaluator": EVALUATOR, "token": args.token, "concept": CONCEPT, "settings": dataclasses.asdict(settings),
               "threads": torch.get_num_threads(), "sampler": {"steps": RECOMMENDED_STEPS, "guidance": 2.0},
               "prototypes": prototypes, "test_prompts": prompts, "seeds_per_caption": args.seeds}
     if not args.skip_before:
         report["before"] = measure(pipeline, prompts, ordinary, args.seeds, prototypes,
-                                   args.samples and f"{args.samples}_before.png")
+                                   args.samples and f"{args.samples}_before.png", args.token)
         logger.info("before: %s", report["before"])
     report["training"] = train(pipeline, args, settings)
     report["after"] = measure(with_lora(pipeline, args.out), prompts, ordinary, args.seeds, prototypes,
-                              args.samples and f"{args.samples}_after.png")
+                              args.samples and f"{args.samples}_after.png", args.token)
     logger.info("after: %s", report["after"])
     if "before" in report:
         report["adherence_drop_points"] = round(100 * (report["before"]["ordinary"]["adherence"]
