@@ -122,9 +122,10 @@ class EmbeddedPipeline:
     def sample(self, prompts: list[str], seeds: list[int], steps: int = RECOMMENDED_STEPS,
                curve: GuidanceCurve | None = None, negative: str | None = None,
                max_sequence_length: int = RECOMMENDED_T5_LENGTH, size: int = IMAGE_SIZE,
-               cache: StepCacheConfig | None = None) -> Generation:
+               cache: StepCacheConfig | None = None, speed: SpeedOptions | None = None) -> Generation:
         """As `generate`, also returning the final latents and, with `cache`, how many transformer calls
-        reused the cache. Each call starts a fresh cache state, so runs never share residuals."""
+        reused the cache. Each call starts a fresh cache state, so runs never share residuals. `speed`: the
+        options a FluxWorks Speed node sets (default: what the sampler runs without one)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         curve = curve or GuidanceCurve.constant(RECOMMENDED_GUIDANCE)
@@ -134,7 +135,7 @@ class EmbeddedPipeline:
         noise = torch.cat([make_noise((1, LATENT_CHANNELS, *latent_hw), s) for s in seeds]).to(self.device)
         sigmas = get_sigmas(steps, calculate_mu(image_seq_len(*latent_hw)) if self.guidance_embeds else None)
         # The FluxWorks Sampler's own path: the prepared transformer with the options a Step Cache node sets.
-        options = replace(SpeedOptions.defaults_for(self.device), cache=cache)
+        options = replace(speed or SpeedOptions.defaults_for(self.device), cache=cache)
         x, _, prepared = sample_prepared(
             self.transformer, options, self.device, self.compute_dtype, guidance_embeds=self.guidance_embeds,
             positive=positive, negative=neg, latent=torch.zeros_like(noise), noise=noise,

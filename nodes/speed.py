@@ -10,6 +10,7 @@ from ..flux_speed.step_cache import DEFAULT_THRESHOLD, StepCacheConfig
 from . import host
 
 OPTIONS_KEY = "fluxworks_speed"
+AUTO = "auto"  # fp8_activations: calibrated, or dynamic where block offload needs it
 _PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
 
@@ -40,14 +41,16 @@ class FluxWorksSpeed:
             "attention": (list(ATTENTION_CHOICES), {"default": "auto",
                                                      "tooltip": "auto: cuDNN attention on NVIDIA GPUs."}),
         }, "optional": {
-            "fp8_scaling": (list(FP8_SCALINGS), {"default": "rowwise", "tooltip": "fp8 matmul scales. rowwise: per "
-                            "weight row and per token (closest to bf16). tensorwise: one per tensor, a faster GEMM "
-                            "with a slightly larger numeric change."}),
+            "fp8_scaling": (list(FP8_SCALINGS), {"default": "tensorwise", "tooltip": "fp8 matmul scales. "
+                            "tensorwise: one per tensor, cuBLAS's fastest fp8 GEMM (bias in its epilogue). rowwise: "
+                            "per weight row and per token, for activations whose tokens differ by orders of "
+                            "magnitude (docs/performance.md)."}),
             "fp8_fast_accum": ("BOOLEAN", {"default": True, "tooltip": "fp8 matmul with cuBLAS's fast (less "
                                "precise) accumulation, as most fp8 inference engines use. GPU only."}),
-            "fp8_activations": (list(FP8_ACTIVATIONS), {"default": "dynamic", "tooltip": "dynamic: measure each "
-                                "activation's range at every call. calibrated: measure it on the first step of "
-                                "each run, then use fixed scales (no per-call reduction)."}),
+            "fp8_activations": ([AUTO, *FP8_ACTIVATIONS], {"default": AUTO, "tooltip": "auto: calibrated, or "
+                                "dynamic with block offload. dynamic: measure each activation's range at every "
+                                "call. calibrated: measure it on the first step of each run, then use fixed scales "
+                                "(no per-call reduction)."}),
             "tune_kernels": ("BOOLEAN", {"default": False, "tooltip": "With compile: benchmark Inductor kernel "
                              "configs while compiling (much slower first run, possibly faster steps)."}),
             "offload_resident_blocks": ("INT", {"default": -1, "min": -1, "max": 57, "tooltip": "Block offload "
@@ -61,10 +64,12 @@ class FluxWorksSpeed:
     CATEGORY = host.CATEGORY
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
-    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "rowwise",
-              fp8_fast_accum: bool = True, fp8_activations: str = "dynamic", tune_kernels: bool = False,
+    def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "tensorwise",
+              fp8_fast_accum: bool = True, fp8_activations: str = AUTO, tune_kernels: bool = False,
               offload_resident_blocks: int = -1):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
+        if fp8_activations == AUTO:  # calibrated scales do not survive block offload's weight streaming
+            fp8_activations = "dynamic" if offload_resident_blocks >= 0 else "calibrated"
         options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
                           fp8_scaling=fp8_scaling, fp8_fast_accum=fp8_fast_accum, fp8_activations=fp8_activations,
                           tune_kernels=tune_kernels, offload_resident_blocks=offload_resident_blocks)

@@ -19,6 +19,9 @@ NOT_OUTPUTS = {
     "performance_ms_per_step.png": "plot (bench/plot_speed.py)",
     "img/guidance_curve.png": "screenshot of a node (tests/e2e/test_widgets.py)",
     "img/lora_stack.png": "screenshot of a node (tests/e2e/test_widgets.py)",
+    "img/regional_grid.png": "comparison sheet (evaluation.regional --grid): target renders drawn by training/shapes.py "
+                             "beside three in-process methods, one of them core's mask blend, that no single graph makes",
+    "img/regional_prompt.png": "screenshot of a node (tests/e2e/test_regional_widget.py)",
     "img/sampler_with_schedule.png": "screenshot of nodes (tests/e2e/test_widgets.py)",
 }
 
