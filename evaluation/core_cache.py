@@ -17,7 +17,6 @@ encoding, the reference FluxWorks run and the scoring run here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from fluxworks.flux_sampler.schedule import BASE_SHIFT, MAX_SHIFT
 from .adherence import EVALUATOR
 from .benchmark import score_latents
 from .cache_quality import relative_errors
+from .cli import start, sweep_parser, write_report
 from .embedded import EMBEDDED_DIR, FILES, IMAGE_SIZE, RECOMMENDED_GUIDANCE, RECOMMENDED_T5_LENGTH, EmbeddedPipeline
 from .splits import noise_seeds, split_captions
 
@@ -174,30 +174,19 @@ def core_cache_report(pipeline: EmbeddedPipeline, captions: list[str], steps: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
-    parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
-    parser.add_argument("--split", default="validation", help="caption split (settings are chosen on validation)")
-    parser.add_argument("--captions", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=SWEEP_STEPS)
-    parser.add_argument("--guidance", type=float, default=RECOMMENDED_GUIDANCE)
+    parser = sweep_parser(__doc__.splitlines()[0], SWEEP_STEPS)
     parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in SWEEP_THRESHOLDS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     thresholds = [float(t) for t in args.thresholds.split(",")]
     caches = [CoreCache(kind, t) for kind in CACHE_KINDS for t in thresholds]
     # EasyCache as fp32 core runs it, without the input copy: shows what the in-place update does.
     caches.append(CoreCache("EasyCache", 0.2, copy_input=False))
-    pipeline = EmbeddedPipeline.load((args.clip_tokenizer, args.t5_tokenizer), device=args.device)
+    pipeline = start(args, args.device)
     report = core_cache_report(pipeline, split_captions(args.split, args.captions), args.steps, caches,
                                args.guidance, args.device)
     report["split"] = args.split
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-
+    write_report(args.json, report)
 
 if __name__ == "__main__":
     main()

@@ -16,10 +16,7 @@ Compared with the same runs without fp8 (fp32): final-latent relative error per 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from unittest import mock
@@ -32,8 +29,9 @@ from fluxworks.flux_speed.prepare import SpeedOptions
 from .adherence import EVALUATOR
 from .benchmark import score_latents
 from .cache_quality import relative_errors
+from .cli import start, sweep_parser, write_report
 from .embedded import RECOMMENDED_GUIDANCE, RECOMMENDED_T5_LENGTH, EmbeddedPipeline
-from .splits import SPLITS, noise_seeds, split_captions
+from .splits import noise_seeds, split_captions
 
 logger = logging.getLogger(__name__)
 
@@ -83,27 +81,15 @@ def quality_report(pipeline: EmbeddedPipeline, split: str, count: int, names: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
-    parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
-    parser.add_argument("--split", default="validation", choices=SPLITS)
-    parser.add_argument("--captions", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=RECOMMENDED_GUIDANCE)
+    parser = sweep_parser(__doc__.splitlines()[0], STEPS)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
-    pipeline = EmbeddedPipeline.load((args.clip_tokenizer, args.t5_tokenizer))
-    report = quality_report(pipeline, args.split, args.captions, names, args.steps, args.guidance)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    pipeline = start(args)
+    write_report(args.json, quality_report(pipeline, args.split, args.captions, names, args.steps, args.guidance))
 
 
 if __name__ == "__main__":

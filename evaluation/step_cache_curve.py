@@ -17,10 +17,7 @@ Sampler's own path with the options a Step Cache node sets.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, replace
 
@@ -34,8 +31,9 @@ from fluxworks.flux_speed.step_cache import StepCacheConfig
 from .adherence import EVALUATOR
 from .benchmark import score_latents
 from .cache_quality import relative_errors
+from .cli import start, sweep_parser, write_report
 from .embedded import RECOMMENDED_GUIDANCE, RECOMMENDED_T5_LENGTH, EmbeddedPipeline
-from .splits import SPLITS, noise_seeds, split_captions
+from .splits import noise_seeds, split_captions
 
 logger = logging.getLogger(__name__)
 
@@ -103,29 +101,17 @@ def curve_report(pipeline: EmbeddedPipeline, split: str, count: int, configs: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clip-tokenizer", default=".comfyui/comfy/sd1_tokenizer")
-    parser.add_argument("--t5-tokenizer", default=".comfyui/comfy/text_encoders/t5_tokenizer")
-    parser.add_argument("--split", default="validation", choices=SPLITS)
-    parser.add_argument("--captions", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=RECOMMENDED_GUIDANCE)
+    parser = sweep_parser(__doc__.splitlines()[0], STEPS)
     parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS))
     parser.add_argument("--start-percent", type=float, default=None, help="window start (default: the node's)")
     parser.add_argument("--end-percent", type=float, default=None, help="window end (default: the node's)")
     parser.add_argument("--max-consecutive", type=int, default=None, help="cap (default: the node's)")
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    pipeline = start(args)
     overrides = {k: v for k, v in (("start_percent", args.start_percent), ("end_percent", args.end_percent),
                                    ("max_consecutive", args.max_consecutive)) if v is not None}
     configs = [replace(StepCacheConfig(), threshold=float(t), **overrides) for t in args.thresholds.split(",")]
-    pipeline = EmbeddedPipeline.load((args.clip_tokenizer, args.t5_tokenizer))
-    report = curve_report(pipeline, args.split, args.captions, configs, args.steps, args.guidance)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    write_report(args.json, curve_report(pipeline, args.split, args.captions, configs, args.steps, args.guidance))
 
 
 if __name__ == "__main__":
