@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,21 +195,34 @@ def _jittered(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int,
     return tuple(int(v) for v in shifted)
 
 
-def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """(128, 128, 3) uint8 image of `scene`, with small random jitter of positions and colours."""
+@dataclass(frozen=True)
+class ExtraShape:
+    """A shape the base model never saw (the example LoRA's diamond, the training concept's heart), drawn by
+    `render` with the built-in shapes' supersampling, jitter, margins and palette, so only the outline differs."""
+
+    outer_radius: float  # farthest vertex from the centre, in nominal radii (sets the margin to the edge)
+    polygon: Callable[[float, float, float], list[tuple[float, float]]]  # (cx, cy, r) -> vertices
+
+
+def render(scene: Scene, rng: np.random.Generator, extra_shapes: Mapping[str, ExtraShape] | None = None) -> np.ndarray:
+    """(128, 128, 3) uint8 image of `scene`, with small random jitter of positions and colours; shapes named in
+    `extra_shapes` are drawn by their own polygon."""
+    extra = extra_shapes or {}
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), _jittered(COLOURS[scene.background], rng))
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         r = SIZES[obj.size]
-        margin = OUTER_RADIUS[obj.shape] * r + 1
+        shape = extra.get(obj.shape)
+        margin = (shape.outer_radius if shape else OUTER_RADIUS[obj.shape]) * r + 1
         cx, cy = (c + rng.uniform(-POSITION_JITTER, POSITION_JITTER) for c in cell_centre(obj.position))
         cx, cy = (min(max(c, margin), IMAGE_SIZE - margin) for c in (cx, cy))
         fill = _jittered(COLOURS[obj.colour], rng)
         if obj.shape == "circle":
             draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=fill)
         else:
-            draw.polygon([(x * s, y * s) for x, y in shape_polygon(obj.shape, cx, cy, r)], fill=fill)
+            vertices = shape.polygon(cx, cy, r) if shape else shape_polygon(obj.shape, cx, cy, r)
+            draw.polygon([(x * s, y * s) for x, y in vertices], fill=fill)
     return np.asarray(canvas.reduce(s))
 
 

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from evaluation.adherence import EVALUATOR, analyse, concept_found, score_image, summarise
 from evaluation.embedded import RECOMMENDED_STEPS, EmbeddedPipeline, load_autoencoder
@@ -45,20 +45,15 @@ from fluxworks.flux_training import CachedDataset, LoraTrainer, TrainSettings
 from .embedded_base import encode_captions, image_latents, load_base
 from .shapes import (
     COLOURS,
-    IMAGE_SIZE,
-    OUTER_RADIUS,
-    POSITION_JITTER,
     POSITIONS,
     SHAPES,
     SIZES,
-    SUPERSAMPLE,
+    ExtraShape,
     Scene,
     ShapeObject,
-    _jittered,
-    cell_centre,
     render_batch,
-    shape_polygon,
 )
+from .shapes import render as render_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +76,12 @@ def heart_polygon(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return [(cx + float(a) * scale, cy + float(b - middle) * scale) for a, b in zip(x, y, strict=True)]
 
 
+HEART = {CONCEPT: ExtraShape(HEART_OUTER, heart_polygon)}
+
+
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """`training.shapes.render` with hearts allowed (the shape name CONCEPT): same supersampling, jitter, margins."""
-    s = SUPERSAMPLE
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), _jittered(COLOURS[scene.background], rng))
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        r = SIZES[obj.size]
-        margin = (HEART_OUTER if obj.shape == CONCEPT else OUTER_RADIUS[obj.shape]) * r + 1
-        cx, cy = (c + rng.uniform(-POSITION_JITTER, POSITION_JITTER) for c in cell_centre(obj.position))
-        cx, cy = (min(max(c, margin), IMAGE_SIZE - margin) for c in (cx, cy))
-        fill = _jittered(COLOURS[obj.colour], rng)
-        if obj.shape == "circle":
-            draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=fill)
-        else:
-            vertices = heart_polygon(cx, cy, r) if obj.shape == CONCEPT else shape_polygon(obj.shape, cx, cy, r)
-            draw.polygon([(x * s, y * s) for x, y in vertices], fill=fill)
-    return np.asarray(canvas.reduce(s))
+    """`training.shapes.render` with hearts allowed (the shape name CONCEPT)."""
+    return render_shapes(scene, rng, HEART)
 
 
 def heart_scene(rng: np.random.Generator) -> Scene:

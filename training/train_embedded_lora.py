@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from evaluation.embedded import RECOMMENDED_GUIDANCE
 from fluxworks.flux_sampler.latents import unpack
@@ -37,20 +36,15 @@ from .diffusion import EMA, Schedule, _train_loop
 from .embedded_base import encode_captions, image_latents, load_base, noised, size_of, transformer_inputs
 from .shapes import (
     COLOURS,
-    IMAGE_SIZE,
-    OUTER_RADIUS,
-    POSITION_JITTER,
     POSITIONS,
     SHAPES,
     SIZES,
-    SUPERSAMPLE,
+    ExtraShape,
     Scene,
     ShapeObject,
-    _jittered,
-    cell_centre,
     render_batch,
-    shape_polygon,
 )
+from .shapes import render as render_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -65,34 +59,18 @@ TARGET_MODULES = [  # every projection inside the blocks; the embedders and the 
 ]
 
 
-def polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Vertices of the diamond (corners up, right, down, left), or of a shape `training.shapes` draws."""
-    if shape != NEW_SHAPE:
-        return shape_polygon(shape, cx, cy, r)
+def diamond_polygon(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Vertices of the diamond: corners up, right, down, left."""
     d = DIAMOND_OUTER * r
     return [(cx, cy - d), (cx + d, cy), (cx, cy + d), (cx - d, cy)]
 
 
-def outer_radius(shape: str) -> float:
-    return DIAMOND_OUTER if shape == NEW_SHAPE else OUTER_RADIUS[shape]
+DIAMOND = {NEW_SHAPE: ExtraShape(DIAMOND_OUTER, diamond_polygon)}
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """`training.shapes.render` with diamonds allowed: same supersampling, jitter, margins and palette."""
-    s = SUPERSAMPLE
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), _jittered(COLOURS[scene.background], rng))
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        r = SIZES[obj.size]
-        margin = outer_radius(obj.shape) * r + 1
-        cx, cy = (c + rng.uniform(-POSITION_JITTER, POSITION_JITTER) for c in cell_centre(obj.position))
-        cx, cy = (min(max(c, margin), IMAGE_SIZE - margin) for c in (cx, cy))
-        fill = _jittered(COLOURS[obj.colour], rng)
-        if obj.shape == "circle":
-            draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=fill)
-        else:
-            draw.polygon([(x * s, y * s) for x, y in polygon(obj.shape, cx, cy, r)], fill=fill)
-    return np.asarray(canvas.reduce(s))
+    """`training.shapes.render` with diamonds allowed."""
+    return render_shapes(scene, rng, DIAMOND)
 
 
 def diamond_scene(rng: np.random.Generator) -> Scene:
