@@ -63,8 +63,7 @@ def test_row_selection_keeps_the_reference_and_puts_extras_before_core():
     assert [s.name for s in nb.select_rows("core_bf16", extra, True)] == [nb.REFERENCE, "core_bf16"]
     on_gpu = [s.name for s in nb.select_rows("all", extra, True)]
     assert on_gpu == [nb.REFERENCE, "fluxworks_speed", "fluxworks_speed_cache", "fluxworks_extra_0", "core_bf16",
-                      "core_fp8_fast", nb.CORE_BEST, "core_fp8_fast_compile_easycache",
-                      "core_fp8_fast_compile_lazycache"]
+                      "core_fp8_fast", "core_fp8_fast_easycache", "core_fp8_fast_lazycache", nb.CORE_BEST]
     on_cpu = [s.name for s in nb.select_rows("all", [], False)]  # the uncompiled cache rows check that path
     assert {"core_fp8_fast_easycache", "core_fp8_fast_lazycache", nb.CORE_BEST} <= set(on_cpu)
     with pytest.raises(ValueError, match=r"unknown \['core_fp16'\]"):
