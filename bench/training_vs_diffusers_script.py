@@ -85,7 +85,7 @@ def run_reference(script: str, log_path: str, argv: list[str]) -> None:
 
         @on_main_process
         def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-            row = {"t": time.perf_counter(), "step": step, **{k: float(v) for k, v in values.items()}}
+            row = {"t": time.perf_counter(), "cpu": time.process_time(), "step": step, **{k: float(v) for k, v in values.items()}}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
@@ -172,6 +172,11 @@ def script_at(git_dir: str, commit: str, work: str) -> dict:
 # ------------------------------------------------------------------------------------------------ the two runs
 
 
+def per_step(stamps: list[float]) -> float:
+    """Seconds per step from stamps taken after every optimiser step: the first step (warm-up) is left out."""
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
 def script_command(args, inputs: dict, script: str, out_dir: str, log_path: str) -> list[str]:
     flags = [
         "--pretrained_model_name_or_path", inputs["pipeline"], "--instance_data_dir", inputs["data"],
@@ -202,10 +207,10 @@ def run_theirs(args, inputs: dict, script: str, tag: str) -> dict:
     steps = [r for r in rows if "loss" in r]
     if len(steps) != args.steps:
         raise RuntimeError(f"the script logged {len(steps)} steps, expected {args.steps}")
-    stamps = [r["t"] for r in steps]
+    stamps, cpu = [r["t"] for r in steps], [r["cpu"] for r in steps]
     lora = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
     return {"losses": [r["loss"] for r in steps], "lr": sorted({r["lr"] for r in steps}),
-            "s_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "process_wall_s": round(wall, 2),
+            "s_per_step": per_step(stamps), "cpu_s_per_step": per_step(cpu), "process_wall_s": round(wall, 2),
             "lora_file_written": os.path.isfile(lora), "command": command[3:]}
 
 
@@ -247,17 +252,19 @@ def run_ours(args, inputs: dict, tag: str) -> dict:
                              lr_schedule="constant", batch_size=1, timestep_sampling=args.timesteps,
                              guidance=args.guidance, lora_layers="attention_mlp", seed=args.seed)
     stamps: list[float] = []
+    cpu: list[float] = []
     lrs: set[float] = set()
 
     def progress(report) -> None:
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         lrs.add(report.lr)
 
     torch.manual_seed(args.seed)  # the LoRA's gaussian init draws from torch's generator, as the script's does
     path = os.path.join(args.work, f"ours_{tag}.safetensors")
     result = run_training(transformer, dataset, settings, torch.device("cpu"), path, torch.float32,
                           progress=progress)
-    return {"losses": result.losses, "lr": sorted(lrs), "s_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+    return {"losses": result.losses, "lr": sorted(lrs), "s_per_step": per_step(stamps), "cpu_s_per_step": per_step(cpu),
             "lora_file_written": os.path.isfile(path), "settings": {k: v for k, v in vars(settings).items()}}
 
 
@@ -303,8 +310,8 @@ def compare(theirs: list[float], ours: list[float], beta: float) -> dict:
     }
 
 
-def machine(threads: int) -> dict:
-    return {"cpu_count": os.cpu_count(), "torch_threads": threads, "processor": platform.processor(),
+def machine(threads: int, load_at_start: list[float]) -> dict:
+    return {"load_average_at_start": load_at_start, "cpu_count": os.cpu_count(), "torch_threads": threads, "processor": platform.processor(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "load_average_at_end": list(os.getloadavg())}
 
@@ -346,6 +353,7 @@ def main() -> None:
     if args.resolution != 128:
         raise SystemExit("the shapes renderer draws 128x128 pictures: --resolution 128")
     os.makedirs(args.work, exist_ok=True)
+    load_at_start = list(os.getloadavg())
     torch.set_num_threads(args.threads)
 
     inputs = write_inputs(args.work, args.images, args.seed)
@@ -353,20 +361,26 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"theirs": [], "ours": []}
     for r in range(args.rounds):
         runs["theirs"].append(run_theirs(args, inputs, script["path"], str(r)))
-        print(f"round {r}: script {runs['theirs'][-1]['s_per_step'] * 1e3:.1f} ms/step", flush=True)  # noqa: T201
+        last = runs['theirs'][-1]
+        print(f"round {r}: script {last['s_per_step'] * 1e3:.1f} ms/step, cpu {last['cpu_s_per_step'] * 1e3:.1f}",  # noqa: T201
+              flush=True)
         runs["ours"].append(run_ours(args, inputs, str(r)))
-        print(f"round {r}: ours {runs['ours'][-1]['s_per_step'] * 1e3:.1f} ms/step", flush=True)  # noqa: T201
+        last = runs['ours'][-1]
+        print(f"round {r}: ours {last['s_per_step'] * 1e3:.1f} ms/step, cpu {last['cpu_s_per_step'] * 1e3:.1f}",  # noqa: T201
+              flush=True)
     theirs, ours = runs["theirs"][0], runs["ours"][0]
     same_seed_repeatable = all(run["losses"] == theirs["losses"] for run in runs["theirs"]) and all(
         run["losses"] == ours["losses"] for run in runs["ours"])
     t_theirs = statistics.median(run["s_per_step"] for run in runs["theirs"])
     t_ours = statistics.median(run["s_per_step"] for run in runs["ours"])
+    c_theirs = statistics.median(run["cpu_s_per_step"] for run in runs["theirs"])
+    c_ours = statistics.median(run["cpu_s_per_step"] for run in runs["ours"])
     report = {
         "what": "our LoRA trainer (flux_training.job.run_training, the Train LoRA node's call) vs diffusers' "
                 "train_dreambooth_lora_flux.py run as a subprocess; same tiny pipeline, pictures, settings, seed",
         "reference": {k: v for k, v in script.items() if k != "path"} | {"script": SCRIPT_PATH},
         "versions": versions(),
-        "machine": machine(args.threads),
+        "machine": machine(args.threads, load_at_start),
         "model": {"transformer": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_FLUX.items()},
                   "vae": "AutoencoderKL 16 latent channels, block_out_channels (16, 32, 32, 32), posterior std ~0",
                   "vae_shift_factor": inputs["vae_shift_factor"], "vae_scaling_factor": inputs["vae_scaling_factor"],
@@ -389,10 +403,14 @@ def main() -> None:
                           "windows; the final loss (raw and EMA)",
         "comparison": compare(theirs["losses"], ours["losses"], args.ema),
         "time": {"theirs_s_per_step": t_theirs, "ours_s_per_step": t_ours, "ours_over_theirs": t_ours / t_theirs,
-                 "per_round": [{"theirs": a["s_per_step"], "ours": b["s_per_step"]}
+                 "theirs_cpu_s_per_step": c_theirs, "ours_cpu_s_per_step": c_ours,
+                 "ours_over_theirs_cpu": c_ours / c_theirs,
+                 "per_round": [{"theirs": a["s_per_step"], "ours": b["s_per_step"], "theirs_cpu": a["cpu_s_per_step"],
+                                "ours_cpu": b["cpu_s_per_step"]}
                                for a, b in zip(runs["theirs"], runs["ours"], strict=True)],
-                 "measure": "(stamp after the last optimiser step - stamp after the first) / (steps - 1); setup, "
-                            "encoding and saving excluded",
+                 "measure": "(stamp after the last optimiser step - stamp after the first) / (steps - 1), median "
+                            "over rounds; wall clock (perf_counter) and the process's CPU time (process_time, "
+                            "less sensitive to other load on a shared machine); setup, encoding and saving excluded",
                  "script_process_wall_s": [run["process_wall_s"] for run in runs["theirs"]]},
         "repeatable": same_seed_repeatable if args.rounds > 1 else None,
         "lora_files_written": {"theirs": theirs["lora_file_written"], "ours": ours["lora_file_written"]},
