@@ -332,6 +332,101 @@ def _regional(workflow: Workflow, object_info: dict) -> None:
     set_group(workflow, 1, "Global prompt and a region per shape")
 
 
+# The training twin: pictures of a plus-shaped cross, a shape the embedded model never saw, named by the rare token
+# "ciel" (one T5 piece, docs/training.md), drawn with core nodes (a cross mask from SolidMask + MaskComposite, one
+# ImageCompositeMasked per picture), trained for a short CPU run, then sampled with the LoRA it made.
+CONCEPT_TOKEN = "ciel"
+CROSS, CROSS_ARM = 30, 10  # the cross's side and arm width in pixels (about a "large" shape's size)
+# (colour, background, position) of each training picture; the sampled caption is the first one.
+TRAIN_PICTURES = (("red", "blue", "center"), ("yellow", "purple", "top left"), ("white", "black", "right"),
+                  ("green", "yellow", "bottom"))
+# Grid position -> (column, row) keys of CELL_CENTRES.
+_CELLS = {"center": ("center", "center"), "top left": ("left", "left"), "right": ("right", "center"),
+          "bottom": ("center", "right")}
+TRAIN_SETTINGS = {"steps": 150, "rank": 16, "alpha": 16.0, "learning_rate": 2e-3, "lr_schedule": "cosine",
+                  "lr_warmup_steps": 0, "batch_size": 4, "gradient_checkpointing": False, "lora_layers": "all",
+                  "guidance": GUIDANCE, "save_every": 0}
+TRAINED_LORA = "embedded_ciel_cross"
+
+
+def train_caption(colour: str, background: str, position: str) -> str:
+    from training.shapes import POSITION_PHRASES
+
+    return f"a large {colour} {CONCEPT_TOKEN} {POSITION_PHRASES[position]}, on a {background} background"
+
+
+def _rgb(colour: str) -> int:
+    from training.shapes import COLOURS
+
+    r, g, b = COLOURS[colour]
+    return (r << 16) | (g << 8) | b
+
+
+def draw_crosses(workflow: Workflow, object_info: dict, x: int, y: int) -> dict:
+    """Core nodes that draw TRAIN_PICTURES (a cross mask, then a colour square composited through it onto each
+    background) and batch them; returns the node whose IMAGE output is the batch."""
+    empty = add_node(workflow, object_info, "SolidMask", [x, y], [320, 106], "Cross: empty", value=0.0,
+                     width=CROSS, height=CROSS)
+    across = add_node(workflow, object_info, "SolidMask", [x, y + 160], [320, 106], "Cross: bar across", value=1.0,
+                      width=CROSS, height=CROSS_ARM)
+    down = add_node(workflow, object_info, "SolidMask", [x, y + 320], [320, 106], "Cross: bar down", value=1.0,
+                    width=CROSS_ARM, height=CROSS)
+    half = add_node(workflow, object_info, "MaskComposite", [x, y + 480], [320, 130], "Cross: + across", x=0,
+                    y=(CROSS - CROSS_ARM) // 2, operation="or")
+    mask = add_node(workflow, object_info, "MaskComposite", [x, y + 660], [320, 130], "Cross mask", x=(CROSS -
+                    CROSS_ARM) // 2, y=0, operation="or")
+    connect(workflow, empty, 0, half, "destination")
+    connect(workflow, across, 0, half, "source")
+    connect(workflow, half, 0, mask, "destination")
+    connect(workflow, down, 0, mask, "source")
+    pictures = []
+    for i, (colour, background, position) in enumerate(TRAIN_PICTURES):
+        column, row = _CELLS[position]
+        px = x + 360 * (i + 1)
+        canvas = add_node(workflow, object_info, "EmptyImage", [px, y], [320, 130], f"{background.title()} background",
+                          width=SIZE, height=SIZE, batch_size=1, color=_rgb(background))
+        paint = add_node(workflow, object_info, "EmptyImage", [px, y + 200], [320, 130], f"{colour.title()} paint",
+                         width=CROSS, height=CROSS, batch_size=1, color=_rgb(colour))
+        picture = add_node(workflow, object_info, "ImageCompositeMasked", [px, y + 400], [320, 150],
+                           f"{colour.title()} cross {position}", x=round(CELL_CENTRES[column] - CROSS / 2),
+                           y=round(CELL_CENTRES[row] - CROSS / 2), resize_source=False)
+        connect(workflow, canvas, 0, picture, "destination")
+        connect(workflow, paint, 0, picture, "source")
+        connect(workflow, mask, 0, picture, "mask")
+        pictures.append(picture)
+    batch = pictures[0]
+    for i, picture in enumerate(pictures[1:]):
+        joined = add_node(workflow, object_info, "ImageBatch", [x + 360 * (len(pictures) + 1), y + 100 * i],
+                          [240, 46], f"Batch {i + 2} pictures")
+        connect(workflow, batch, 0, joined, "image1")
+        connect(workflow, picture, 0, joined, "image2")
+        batch = joined
+    return batch
+
+
+def _train_lora(workflow: Workflow, object_info: dict) -> None:
+    dataset, train = find(workflow, "FluxWorksLoraDataset"), find(workflow, "FluxWorksTrainLora")
+    bottom = max(g["bounding"][1] + g["bounding"][3] for g in workflow["groups"])
+    top = bottom + 50
+    batch = draw_crosses(workflow, object_info, 40, top + 85)
+    workflow["groups"].append({"id": len(workflow["groups"]) + 1, "title": "Training pictures (core nodes)",
+                               "bounding": [20, top, 360 * (len(TRAIN_PICTURES) + 1) + 300, 880],
+                               "color": "#a88", "font_size": 24, "flags": {}})
+    captions = [train_caption(*picture) for picture in TRAIN_PICTURES]
+    connect(workflow, batch, 0, dataset, "images")
+    dataset["title"] = "Dataset: the drawn pictures"
+    set_widgets(dataset, object_info, folder="", resolution=SIZE, max_sequence_length=T5_LENGTH,
+                captions="\n".join(captions))
+    set_widgets(train, object_info, lora_name=TRAINED_LORA, **TRAIN_SETTINGS, validate_every=TRAIN_SETTINGS["steps"],
+                validation_steps=STEPS, validation_guidance=GUIDANCE)
+    set_widgets(find(workflow, "FluxWorksTextEncode", "Validation prompt"), object_info, prompt=captions[0])
+    set_widgets(find(workflow, "FluxWorksTextEncode", "Prompt"), object_info, prompt=captions[0])
+    set_widgets(find(workflow, "FluxWorksSampler"), object_info, seed=1, steps=STEPS, guidance=GUIDANCE)
+    set_widgets(find(workflow, "SaveImage"), object_info, filename_prefix="FluxWorks/embedded_train_lora")
+    set_group(workflow, 1, "Dataset: the pictures below")
+    set_group(workflow, 2, f"Train LoRA ({TRAIN_SETTINGS['steps']} steps, CPU)")
+
+
 TWINS: dict[str, Twin] = {
     "embedded_text_to_image": Twin("flux_dev_text_to_image", _text_to_image,
                                    "text to image at the recommended settings (the `make demo` picture)"),
@@ -354,6 +449,9 @@ TWINS: dict[str, Twin] = {
     "embedded_regional_prompt": Twin("flux_dev_regional_prompt", _regional,
                                      "FluxWorks Regional Prompt: the whole caption as the global prompt and a rectangle "
                                      "per shape with its own caption"),
+    "embedded_train_lora": Twin("flux_dev_train_lora", _train_lora,
+                                f"FluxWorks LoRA Dataset + Train LoRA on four crosses drawn with core nodes, named "
+                                f"\"{CONCEPT_TOKEN}\", then a sample with the trained LORA_STACK"),
 }
 
 
@@ -399,11 +497,24 @@ def thumbnail(server: ComfyServer, result, workflow: Workflow) -> Image.Image:
     for node_type in ("PreviewImage", "SaveImage"):
         for node in (n for n in workflow["nodes"] if n["type"] == node_type):
             panels += [server.view_image(f) for f in result.outputs[str(node["id"])]["images"]]
-    size = SIZE * THUMBNAIL_SCALE
-    sheet = Image.new("RGB", (size * len(panels), size))
-    for i, panel in enumerate(panels):
-        sheet.paste(panel.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (i * size, 0))
+    size = SIZE * THUMBNAIL_SCALE  # every panel this high, its width in proportion (a loss curve is 2:1)
+    widths = [round(panel.width * size / panel.height) for panel in panels]
+    sheet = Image.new("RGB", (sum(widths), size))
+    for i, (panel, width) in enumerate(zip(panels, widths, strict=True)):
+        sheet.paste(panel.convert("RGB").resize((width, size), Image.Resampling.NEAREST), (sum(widths[:i]), 0))
     return sheet
+
+
+def trained_files(result, workflow: Workflow) -> list[str]:
+    """The LoRA files (and their training state) that the workflow's FluxWorks Train LoRA nodes wrote, from the
+    node's "saved <path> after ..." report. They land in ComfyUI's own models/loras (the first loras folder), not in
+    the server's temporary root, so the writer and the tests remove them."""
+    files = []
+    for node in (n for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"):
+        [text] = result.outputs[str(node["id"])]["text"]
+        path = text.removeprefix("saved ").split(" after ")[0]
+        files += [path, path.removesuffix(".safetensors") + ".state.safetensors"]
+    return files
 
 
 def write_examples(server: ComfyServer, names: list[str]) -> dict[str, str]:
@@ -419,6 +530,9 @@ def write_examples(server: ComfyServer, names: list[str]) -> dict[str, str]:
         if result.status != "success":
             raise RuntimeError(f"{name} failed on the server: {result.status}\n{server.log()[-3000:]}")
         thumbnail(server, result, workflow).save(os.path.join(EXAMPLES_DIR, name + ".jpg"), quality=92)
+        for file in trained_files(result, workflow):
+            if os.path.isfile(file):
+                os.remove(file)
         [save] = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"]
         [file] = result.outputs[save]["images"]
         outputs[name] = os.path.join(server.output_dir, file["subfolder"], file["filename"])

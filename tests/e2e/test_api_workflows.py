@@ -98,8 +98,20 @@ def test_example_workflow_runs_over_http(comfy_server, example_models, path):
     for name in input_images(workflow.prompt):  # e.g. example.png, which ships in every ComfyUI's input/
         with Image.open(os.path.join(comfyui_path(), "input", name)) as image:
             comfy_server.upload_image(image, name)
+    for node in workflow.prompt.values():  # a training example's dataset folder under input/, at the tiny size
+        if node["class_type"] == "FluxWorksLoraDataset" and node["inputs"].get("folder"):
+            _write_dataset(os.path.join(comfy_server.input_dir, node["inputs"]["folder"]))
+            node["inputs"]["resolution"] = workflow.width
     result = comfy_server.run(workflow.prompt)
-    _succeeded(result)
+    try:
+        _succeeded(result)
+    finally:  # a trained LoRA lands in ComfyUI's own models/loras (the first loras folder)
+        for node_id in (k for k, n in workflow.prompt.items() if n["class_type"] == "FluxWorksTrainLora"):
+            for text in result.outputs.get(node_id, {}).get("text", []):
+                path = text.removeprefix("saved ").split(" after ")[0]
+                for file in (path, path.removesuffix(".safetensors") + ".state.safetensors"):
+                    if os.path.isfile(file):
+                        os.remove(file)
     savers = save_image_nodes(workflow.prompt)
     assert savers, f"{workflow.name} saves no image"
     for node in savers:
@@ -108,6 +120,18 @@ def test_example_workflow_runs_over_http(comfy_server, example_models, path):
         for image in images:
             assert image.size == (workflow.width, workflow.height)
             assert _pixels(image).std() > 1.0, "constant image"
+
+
+def _write_dataset(folder: str, count: int = 2) -> None:
+    """name.png + name.txt pairs, as a user's training folder holds them (the embedded concept's pictures)."""
+    from training.train_embedded_concept import concept_data
+
+    os.makedirs(folder, exist_ok=True)
+    images, captions = concept_data(count, 0, "ciel")
+    for i, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
+        Image.fromarray(pixels).save(os.path.join(folder, f"picture_{i}.png"))
+        with open(os.path.join(folder, f"picture_{i}.txt"), "w", encoding="utf-8") as f:
+            f.write(caption)
 
 
 def test_sampler_reports_progress_once_per_step(comfy_server):
