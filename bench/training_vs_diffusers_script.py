@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -393,8 +394,8 @@ def main() -> None:
                      "t5_length": args.t5_length, "dtype": "float32", "threads": args.threads,
                      "rounds": args.rounds},
         "commands": {
-            "bench": "OMP_NUM_THREADS=1 python -m bench.training_vs_diffusers_script " + " ".join(sys.argv[1:]),
-            "script": "python train_dreambooth_lora_flux.py " + " ".join(theirs["command"][4:]),
+            "bench": "OMP_NUM_THREADS=1 python -m bench.training_vs_diffusers_script " + shlex.join(sys.argv[1:]),
+            "script": "python train_dreambooth_lora_flux.py " + shlex.join(theirs["command"][4:]),
             "ours": "flux_training.job.run_training(transformer, encode_examples(...), TrainSettings(...), cpu, "
                     "path, float32, progress=...)",
         },
