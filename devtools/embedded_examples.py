@@ -12,7 +12,8 @@ every FLUX.1 with 24 heads of 128 (width 3072), so it cannot load the 2-head emb
 architecture from the file and gives KSampler the same core MODEL.
 
 Usage: python -m devtools.embedded_examples   (rewrites example_workflows/embedded_*.json, their api/ copies
-and thumbnails; starts its own ComfyUI server on the CPU, about a minute)
+and thumbnails; starts its own ComfyUI server on the CPU, a few minutes: the training twin trains for about one)
+       python -m devtools.embedded_examples embedded_train_lora   (just that twin)
 """
 
 from __future__ import annotations

@@ -289,6 +289,13 @@ def test_embedded_template_runs_from_the_templates_browser_with_no_edit(embedded
           return app.nodeOutputs?.["{save['id']}"]?.images?.length && node.imgs?.[0]?.complete && node.imgs[0].naturalWidth;
         }}""", timeout=300_000)
     page.screenshot(path=os.path.join(ARTIFACTS, f"template_{name}.png"))
+    for node in (n for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"):  # the training template's LoRA
+        for entry in embedded_server.get_json("/history").values():  # lands in ComfyUI's own models/loras
+            for text in entry["outputs"].get(str(node["id"]), {}).get("text", []):
+                path = text.removeprefix("saved ").split(" after ")[0]
+                for file in (path, path.removesuffix(".safetensors") + ".state.safetensors"):
+                    if os.path.isfile(file):
+                        os.remove(file)
     [image_ref] = page.evaluate(f"() => app.nodeOutputs['{save['id']}'].images")
     png = Image.open(io.BytesIO(embedded_server.view(image_ref)))
     assert png.size == (128, 128) and np.asarray(png.convert("RGB")).std() > 10.0
