@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import websocket
 
 from devtools.comfy_server import ComfyServer, PromptResult, free_port
 from devtools.paths import REPO, comfyui_path
@@ -384,8 +385,8 @@ def host_shims(folder: str, env: dict[str, str], simulate_bare_host: bool) -> tu
 @dataclass
 class BenchServer(ComfyServer):
     """devtools.comfy_server's server and client, started for the benchmark: on the GPU (no --cpu) unless tiny, no
-    latent previews (ComfyUI's default), an empty folder as the frontend, the host shims on PYTHONPATH and its own
-    Inductor cache folder. Prompts, websocket and /history are ComfyServer's."""
+    latent previews (ComfyUI's default), no API nodes (cloud services), an empty folder as the frontend, the host
+    shims on PYTHONPATH and its own Inductor cache folder. Prompts, websocket and /history are ComfyServer's."""
 
     comfy: str = ""
     cpu: bool = True
@@ -415,7 +416,7 @@ class BenchServer(ComfyServer):
                "--extra-model-paths-config", config, "--disable-auto-launch",
                "--output-directory", self.output_dir, "--input-directory", self.input_dir,
                "--temp-directory", os.path.join(self.root, "temp"), "--user-directory", os.path.join(self.root, "user"),
-               "--database-url", "sqlite:///:memory:", "--preview-method", "none",
+               "--database-url", "sqlite:///:memory:", "--preview-method", "none", "--disable-api-nodes",
                "--front-end-root", os.path.join(self.root, "web")] + (["--cpu"] if self.cpu else [])
         log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(cmd, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -627,7 +628,9 @@ class ServerBench:
             "settings": {"res": args.res, "steps": args.steps, "schnell_steps": args.schnell_steps,
                          "guidance": args.guidance, "seed": args.seed, "prompts": list(PROMPTS), "batch": 1,
                          "fluxworks_t5_length": args.t5_length or "node default",
-                         "core_t5_length": "256 (core's Flux tokenizer pads T5 to at least 256 tokens)",
+                         "core_text": ("FluxWorks' text nodes (--tiny: core's DualCLIPLoader builds a full-size "
+                                       "T5-XXL)" if args.tiny else "DualCLIPLoader(type=flux) + CLIPTextEncode: "
+                                       "core's Flux tokenizer pads T5 to at least 256 tokens"),
                          "latent_previews": "none (--preview-method none, ComfyUI's default)",
                          "cold": "a fresh server per graph, empty Inductor cache (TORCHINDUCTOR_CACHE_DIR), weight "
                                  "files in the page cache (just written)",
@@ -655,7 +658,7 @@ class ServerBench:
 
     # files
     def write_files(self, files: list[ModelFile]) -> None:
-        device = self.device if torch.cuda.is_available() or self.device == "cpu" else "cpu"
+        device = self.device
         need = sum(file_size(f.specs) for f in files
                    if not already_written(os.path.join(self.models_dir, f.folder, f.name), f.specs))
         os.makedirs(self.models_dir, exist_ok=True)
@@ -675,6 +678,8 @@ class ServerBench:
                 write_safetensors(path, f.specs, lambda spec, g=generator: random_tensor(spec, g, device))
                 entry["write_s"] = round(time.perf_counter() - t, 1)
             self.report["files"][f.role] = entry
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the servers, not this process, should hold the GPU's memory
             self.say(f"{f.role}: {f.name} ({f.params / 1e9:.3f} B parameters, {entry['bytes'] / 2**30:.2f} GiB) "
                      + ("reused" if entry.get("reused") else f"written in {entry['write_s']} s"))
         self.emit()
@@ -730,10 +735,11 @@ class ServerBench:
             server.stop()
             if server.log_path and os.path.exists(server.log_path):
                 shutil.copy(server.log_path, os.path.join(self.args.out, f"server_bench_{graph}.log"))
-                log = server.log()
-                entry["log_warnings"] = [line for line in log.splitlines()
-                                         if "Missing VAE keys" in line or "lora key not loaded" in line
-                                         or "IMPORT FAILED" in line][:20]
+                lines = server.log().splitlines()
+                entry["log_warnings"] = [line for line in lines if "Missing VAE keys" in line or "Leftover VAE keys"
+                                         in line or "lora key not loaded" in line][:20]
+                entry["import_failed"] = [line.split("IMPORT FAILED:")[-1].strip() for line in lines
+                                          if "IMPORT FAILED" in line]
             self.emit()
 
     def run_prompt(self, server: BenchServer, plan: PromptPlan, prompt: dict) -> dict:
@@ -744,7 +750,7 @@ class ServerBench:
         try:
             result: PromptResult = server.run(prompt, timeout=timeout,
                                               on_message=lambda _s, m: timed.append((time.time(), m)))
-        except TimeoutError:
+        except (TimeoutError, websocket.WebSocketTimeoutException):  # no message for the rest of the budget
             server.interrupt()
             row.update(status="cut off", note=f"still running after {timeout:.0f} s: interrupted at the time budget")
             self.say(f"{plan.name}: cut off by the time budget")
@@ -803,7 +809,7 @@ class ServerBench:
         if not already_written(path, schnell.specs) and os.path.exists(dev) and \
                 shutil.disk_usage(self.models_dir).free < file_size(schnell.specs) + (2 << 30):
             os.remove(dev)
-            self.report["files"]["dev"]["deleted_for_disk_space"] = True
+            self.report["files"].setdefault("dev", {"name": by_role["dev"].name})["deleted_for_disk_space"] = True
         self.write_files([schnell])
         return True
 
