@@ -19,8 +19,8 @@ executed node's seconds and the sampler's ms/step (first -> last sampler progres
 seen, and the nodes ComfyUI served from its cache. Every node setting of every prompt is in the report
 (`prompt_graph`); the widget values not set here are the defaults the server's /object_info gives.
 
-Each graph gets a fresh server with an empty Inductor cache (TORCHINDUCTOR_CACHE_DIR in a new folder), so "cold" is
-a first prompt with nothing compiled; the weight files were just written, so they are read from the page cache.
+Each graph gets a fresh server with empty Inductor and Triton caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
+new folder), so "cold" is a first prompt with nothing compiled; the weight files were just written, so they are read from the page cache.
 
 The host need not have ComfyUI's frontend or PyAV: the server runs with --front-end-root on an empty folder (no
 comfyui-frontend-package import), and where `import av` fails (ComfyUI 0.3.75 imports PyAV at startup from
@@ -410,6 +410,7 @@ class BenchServer(ComfyServer):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(self.shim_paths + [p for p in [env.get("PYTHONPATH", "")] if p])
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(self.root, "inductor_cache")
+        env["TRITON_CACHE_DIR"] = os.path.join(self.root, "inductor_cache", "triton")
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path = os.path.join(self.root, "server.log")
         cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -632,11 +633,11 @@ class ServerBench:
                                        "T5-XXL)" if args.tiny else "DualCLIPLoader(type=flux) + CLIPTextEncode: "
                                        "core's Flux tokenizer pads T5 to at least 256 tokens"),
                          "latent_previews": "none (--preview-method none, ComfyUI's default)",
-                         "cold": "a fresh server per graph, empty Inductor cache (TORCHINDUCTOR_CACHE_DIR), weight "
-                                 "files in the page cache (just written)",
+                         "cold": "a fresh server per graph, empty Inductor and Triton caches (TORCHINDUCTOR_CACHE_DIR, "
+                                 "TRITON_CACHE_DIR), weight files in the page cache (just written)",
                          "timing": "image_s from the server's execution_start/execution_success timestamps; nodes_s "
                                    "and ms_per_step from the receive times of executing/progress messages"},
-            "files": {}, "host": {}, "graphs": [], "skipped": []}
+            "files": {}, "host": {}, "graphs": []}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -773,7 +774,7 @@ class ServerBench:
             roles |= {"dev", "t5", "clip_l", "vae", "lora"}
         if "schnell" in graphs:
             roles |= {"t5", "clip_l", "vae"}
-        files = model_files(self.args.tiny, roles | {"schnell"})
+        files = model_files(self.args.tiny, {"dev", "t5", "clip_l", "vae", "lora", "schnell"})
         by_role = {f.role: f for f in files}
         names = {f.role: f.name for f in files}
         self.write_files([f for f in files if f.role in roles])

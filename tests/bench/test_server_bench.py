@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -153,12 +154,13 @@ def test_host_shims_stand_in_for_pyav_and_hide_what_the_gpu_machine_lacks(tmp_pa
 @pytest.mark.e2e
 def test_tiny_run_end_to_end_through_real_servers(tmp_path):
     """`--tiny` on the CPU, frontend/PyAV/database packages hidden: every graph's prompts succeed through POST /prompt,
-    and the report holds each prompt's timings, settings and outputs. (TorchCompileModel is left out here: Inductor
-    on one CPU thread takes minutes; `--tiny` alone runs it.)"""
+    and the report holds each prompt's timings, settings and outputs. Core's TorchCompileModel compiles with
+    Inductor's C++ backend on the CPU (about a minute on one thread); without a C compiler it is left out."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COMFYUI_PATH": comfyui_path()}
+    compiler = shutil.which("cc") or shutil.which("gcc")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.server_bench", "--tiny", "--simulate-bare-host", "--no-core-compile",
-         "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
+        [sys.executable, "-m", "bench.server_bench", "--tiny", "--simulate-bare-host", "--out", str(tmp_path)]
+        + ([] if compiler else ["--no-core-compile"]), env=env, capture_output=True, text=True, timeout=1500, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "server_bench.json").read_text())
     assert report["mode"] == "tiny (CPU)" and report["host"]["av"].startswith("stand-in")
@@ -179,7 +181,50 @@ def test_tiny_run_end_to_end_through_real_servers(tmp_path):
         lora = [p for p in graph["prompts"] if p["lora"]]
         assert all(("apply_lora" if name != "core" else "lora") in p["prompt_graph"] for p in lora)
     assert "FluxWorksSpeed" in json.dumps(graphs["fluxworks"]["prompts"][0]["prompt_graph"])
-    assert graphs["core"]["prompts"][0]["prompt_graph"]["unet"]["inputs"]["weight_dtype"] == "fp8_e4m3fn_fast"
+    core = graphs["core"]["prompts"][0]["prompt_graph"]
+    assert core["unet"]["inputs"]["weight_dtype"] == "fp8_e4m3fn_fast"
+    assert ("compile" in core) == bool(compiler)
     # the warm prompt re-ran only what its new seed changes: the loaders came from ComfyUI's cache
     assert "model" in graphs["fluxworks"]["prompts"][1]["cached_nodes"]
     assert "| graph | cold s | warm s | warm after LoRA change s |" in done.stdout
+
+
+CORE_LAYOUTS = """
+import json, os, sys
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.clip_model, comfy.ops, comfy.text_encoders.t5
+from comfy.ldm.models.autoencoder import AutoencodingEngine
+from fluxworks.bench import server_bench as sb
+here = os.path.dirname(comfy.clip_model.__file__)
+with open(os.path.join(here, "text_encoders", "t5_config_xxl.json")) as f:
+    t5 = comfy.text_encoders.t5.T5(json.load(f), torch.bfloat16, "meta", comfy.ops.manual_cast)
+with open(os.path.join(here, "sd1_clip_config.json")) as f:
+    clip = comfy.clip_model.CLIPTextModel(json.load(f), torch.bfloat16, "meta", comfy.ops.manual_cast)
+ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+with torch.device("meta"):  # what comfy/sd.py builds for a 16-channel ldm-layout VAE
+    ae = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+for name, model, specs in (("t5", t5, sb.t5_specs(sb.FULL_T5)), ("clip_l", clip, sb.clip_specs(sb.FULL_CLIP)),
+                           ("vae", ae, sb.ae_specs())):
+    core = {k: list(v.shape) for k, v in model.state_dict().items()}
+    mine = {s.name: list(s.shape) for s in specs}
+    print(json.dumps([name, core == mine, sorted(set(core) ^ set(mine))[:5]]))
+"""
+
+
+@pytest.mark.slow
+def test_full_size_text_encoders_and_ae_have_exactly_the_tensors_cores_models_hold():
+    """The full-size T5-XXL, CLIP-L and ae files hold exactly the state dict (names and shapes) of the models core
+    builds for them (built on the meta device: no memory), so DualCLIPLoader and VAELoader load them whole."""
+    env = {**os.environ, "PYTHONPATH": comfyui_path(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CORE_LAYOUTS], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    assert lines == [["t5", True, []], ["clip_l", True, []], ["vae", True, []]], lines
