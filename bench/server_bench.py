@@ -701,7 +701,7 @@ class ServerBench:
                              shim_paths=self.shim_paths, models_root=self.models_dir)
         try:
             t = time.perf_counter()
-            server.start(timeout=600.0 if not self.cpu else 300.0)
+            server.start(timeout=300.0 if self.budget is None else max(60.0, self.budget - self.elapsed()))
             entry["server_start_s"] = round(time.perf_counter() - t, 1)
             info = server.get_json("/object_info")
             missing = [n for n in NODE_TYPES if n not in info]
