@@ -97,14 +97,32 @@ def heart_scene(rng: np.random.Generator) -> Scene:
     return Scene(tuple(objects[int(i)] for i in order), colours[int(picked[0])])
 
 
+def hearts_scene(rng: np.random.Generator, most: int) -> Scene:
+    """1 to `most` hearts (at most 3 objects in all, as the base model's captions), else like `heart_scene`: an
+    ordinary shape beside them 40 % of the time while there is room; distinct colours and cells. Several hearts in
+    one picture show the token with more colours, sizes and cells per picture."""
+    hearts = int(rng.integers(1, most + 1))
+    count = hearts + (1 if hearts < 3 and rng.random() < 0.4 else 0)
+    colours = list(COLOURS)
+    picked = rng.choice(len(colours), size=count + 1, replace=False)
+    cells = rng.choice(len(POSITIONS), size=count, replace=False)
+    objects = [ShapeObject(CONCEPT if i < hearts else SHAPES[int(rng.integers(len(SHAPES)))],
+                           colours[int(picked[i + 1])], list(SIZES)[int(rng.integers(len(SIZES)))],
+                           list(POSITIONS)[int(cells[i])])
+               for i in range(count)]
+    order = rng.permutation(count)
+    return Scene(tuple(objects[int(i)] for i in order), colours[int(picked[0])])
+
+
 def token_caption(scene: Scene, token: str = TOKEN) -> str:
     """The scene's caption with the token as the heart's shape word."""
     return scene.caption().replace(f" {CONCEPT} ", f" {token} ")
 
 
-def concept_data(count: int, seed: int, token: str = TOKEN) -> tuple[np.ndarray, list[str]]:
+def concept_data(count: int, seed: int, token: str = TOKEN, hearts: int = 1) -> tuple[np.ndarray, list[str]]:
+    """`count` training pictures and captions: `heart_scene`s, or with `hearts` > 1, `hearts_scene`s."""
     rng = np.random.default_rng([seed, 13])
-    scenes = [heart_scene(rng) for _ in range(count)]
+    scenes = [heart_scene(rng) if hearts == 1 else hearts_scene(rng, hearts) for _ in range(count)]
     return np.stack([render(s, rng) for s in scenes]), [token_caption(s, token) for s in scenes]
 
 
@@ -196,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the measurements here")
     parser.add_argument("--token", default=TOKEN, help="the rare word that names the concept in captions")
     parser.add_argument("--images", type=int, default=30, help="heart pictures (at most 30 for the claim)")
+    parser.add_argument("--hearts", type=int, default=1, choices=(1, 2, 3),
+                        help="most hearts in one training picture (1: a heart, sometimes beside an ordinary shape)")
     parser.add_argument("--prior-images", type=int, default=64, help="base-model samples for prior preservation")
     parser.add_argument("--steps", type=int, default=SETTINGS.steps)
     parser.add_argument("--rank", type=int, default=SETTINGS.rank)
@@ -218,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(pipeline: EmbeddedPipeline, args: argparse.Namespace, settings: TrainSettings) -> dict:
     """Encode the data, train, save `args.out`; returns what happened (data sizes, seconds, losses)."""
     start = time.monotonic()
-    images, captions = concept_data(args.images, settings.seed, args.token)
+    images, captions = concept_data(args.images, settings.seed, args.token, args.hearts)
     text = encode_captions(pipeline, captions + [""])
     empty = len(captions)
     embeds, pooled = text.embeds[text.index[:empty]], text.pooled[text.index[:empty]]
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                    logit_mean=args.logit_mean,
                                    lr_warmup_steps=min(SETTINGS.lr_warmup_steps, args.steps // 10))
     pipeline = load_base((args.clip_tokenizer, args.t5_tokenizer))
-    _, train_captions = concept_data(args.images, settings.seed, args.token)
+    _, train_captions = concept_data(args.images, settings.seed, args.token, args.hearts)
     prompts = concept_test_prompts(args.test_prompts, 7, set(train_captions), args.token)
     ordinary = test_captions(args.ordinary)
     prototypes = vae_prototypes(20, 3)
