@@ -260,8 +260,9 @@ def train(pipeline: EmbeddedPipeline, args: argparse.Namespace, settings: TrainS
     train_seconds = time.monotonic() - start
     logger.info("data %.1f s, training %.1f s", data_seconds, train_seconds)
     window = max(1, len(losses) // 10)
-    return {"images": len(captions), "captions": captions, "prior_images": args.prior_images,
-            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+    return {"images": len(captions), "captions": captions, "hearts": args.hearts, "prior_images": args.prior_images,
+            "prior_weight": args.prior_weight, "data_seconds": round(data_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
             "loss_first_tenth": float(np.mean(losses[:window])), "loss_last_tenth": float(np.mean(losses[-window:])),
             "losses_every_10": [round(x, 5) for x in losses[::10]]}
 
