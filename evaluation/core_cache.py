@@ -188,5 +188,6 @@ def main() -> None:
     report["split"] = args.split
     write_report(args.json, report)
 
+
 if __name__ == "__main__":
     main()
