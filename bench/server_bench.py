@@ -402,36 +402,15 @@ class BenchServer(ComfyServer):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         with open(os.path.join(self.root, "web", "index.html"), "w", encoding="utf-8") as f:
             f.write("<!doctype html><title>server_bench</title><p>No frontend: this server answers the API only.\n")
-        config = os.path.join(self.root, "extra_model_paths.yaml")
-        with open(config, "w", encoding="utf-8") as f:
-            f.write("server_bench:\n    base_path: " + self.models_dir + "\n")
-            for name in ("diffusion_models", "text_encoders", "vae", "loras"):
-                f.write(f"    {name}: {name}\n")
+        config = self.write_model_paths("server_bench", ("diffusion_models", "text_encoders", "vae", "loras"))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(self.shim_paths + [p for p in [env.get("PYTHONPATH", "")] if p])
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(self.root, "inductor_cache")
         env["TRITON_CACHE_DIR"] = os.path.join(self.root, "inductor_cache", "triton")
         env["PYTHONUNBUFFERED"] = "1"
-        self.log_path = os.path.join(self.root, "server.log")
-        cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--extra-model-paths-config", config, "--disable-auto-launch",
-               "--output-directory", self.output_dir, "--input-directory", self.input_dir,
-               "--temp-directory", os.path.join(self.root, "temp"), "--user-directory", os.path.join(self.root, "user"),
-               "--database-url", "sqlite:///:memory:", "--preview-method", "none", "--disable-api-nodes",
-               "--front-end-root", os.path.join(self.root, "web")] + (["--cpu"] if self.cpu else [])
-        log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(cmd, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                self.get_json("/system_stats")
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-4000:]}")
+        self.launch([sys.executable, *self.main_args(config), "--preview-method", "none", "--disable-api-nodes",
+                     "--front-end-root", os.path.join(self.root, "web")] + (["--cpu"] if self.cpu else []),
+                    self.comfy, timeout, env)
 
 
 def link_pack(comfy: str) -> str:

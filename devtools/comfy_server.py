@@ -79,23 +79,34 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> None:
         for sub in ("models", "input", "output", "temp", "user"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        config = self.write_model_paths("fluxworks_tests", ("diffusion_models", "text_encoders", "vae", "loras",
+                                                            "controlnet", "checkpoints"))
+        self.launch([PYTHON, *self.main_args(config), "--cpu", "--preview-method", "latent2rgb"], comfyui_path(),
+                    timeout)
+
+    def write_model_paths(self, section: str, folders: tuple[str, ...]) -> str:
+        """An extra_model_paths.yaml in `root` that adds `folders` of `models_dir` to ComfyUI's lists; its path."""
         config = os.path.join(self.root, "extra_model_paths.yaml")
-        folders = ("diffusion_models", "text_encoders", "vae", "loras", "controlnet", "checkpoints")
         with open(config, "w", encoding="utf-8") as f:
-            f.write("fluxworks_tests:\n    base_path: " + self.models_dir + "\n")
+            f.write(f"{section}:\n    base_path: " + self.models_dir + "\n")
             for name in folders:
                 f.write(f"    {name}: {name}\n")
+        return config
+
+    def main_args(self, model_paths: str) -> list[str]:
+        """ComfyUI's main.py and the arguments every server here shares: this port on localhost, the model paths
+        file, and `root`'s folders for input, output, temp and user data; an in-memory database."""
+        return ["main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--extra-model-paths-config",
+                model_paths, "--disable-auto-launch", "--output-directory", self.output_dir, "--input-directory",
+                self.input_dir, "--temp-directory", os.path.join(self.root, "temp"), "--user-directory",
+                os.path.join(self.root, "user"), "--database-url", "sqlite:///:memory:"]
+
+    def launch(self, cmd: list[str], cwd: str, timeout: float, env: dict | None = None) -> None:
+        """Start `cmd` in `cwd` (log in root/server.log) and wait until it answers /system_stats; a server that
+        exits or does not answer within `timeout` s raises with the end of its log (and is stopped)."""
         self.log_path = os.path.join(self.root, "server.log")
-        cmd = [
-            PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--extra-model-paths-config", config, "--disable-auto-launch",
-            "--output-directory", self.output_dir, "--input-directory", self.input_dir,
-            "--temp-directory", os.path.join(self.root, "temp"),
-            "--user-directory", os.path.join(self.root, "user"),
-            "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
-        ]
         log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -103,9 +114,10 @@ class ComfyServer:
             try:
                 self.get_json("/system_stats")
                 return
-            except (urllib.error.URLError, ConnectionError, OSError):
+            except OSError:  # not listening yet (urllib's URLError is an OSError)
                 time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
