@@ -745,7 +745,16 @@ class ServerBench:
                  + (f": {row['error']}" if "error" in row else ""))
         return row
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Write the files, run every graph, print the table; False when a graph or a prompt failed with an error.
+        The work folder (tens of GiB at full size) is removed however the run ends, unless --keep."""
+        try:
+            return self._run()
+        finally:
+            if not self.args.keep:
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> bool:
         os.makedirs(self.args.out, exist_ok=True)
         graphs = [g for g in GRAPHS if g in self.args.graphs]
         roles = set()
@@ -770,8 +779,9 @@ class ServerBench:
         self.report["total_s"] = round(self.elapsed(), 1)
         self.emit(final=True)
         print(markdown_table(self.report), flush=True)  # noqa: T201
-        if not self.args.keep:
-            shutil.rmtree(self.work, ignore_errors=True)
+        # A prompt cut off or skipped by the time budget is reported, not failed.
+        return not any(g.get("error") or any(p.get("status") == "error" for p in g.get("prompts", []))
+                       for g in self.report["graphs"])
 
     def prepare_schnell(self, by_role: dict[str, ModelFile]) -> bool:
         """Write the schnell transformer (skipped when the budget has no room for it and its prompts). With too
@@ -905,7 +915,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
-    ServerBench(args, started).run()
+    if not ServerBench(args, started).run():
+        raise SystemExit("server_bench: a graph or prompt failed (see the report's error and status fields)")
 
 
 if __name__ == "__main__":

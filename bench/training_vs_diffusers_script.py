@@ -204,7 +204,8 @@ def run_theirs(args, inputs: dict, script: str, tag: str) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"the script failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    rows = [json.loads(line) for line in open(log_path)]
+    with open(log_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     steps = [r for r in rows if "loss" in r]
     if len(steps) != args.steps:
         raise RuntimeError(f"the script logged {len(steps)} steps, expected {args.steps}")
