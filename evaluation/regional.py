@@ -288,6 +288,9 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true",
                         help="write a picture of the layouts (one seed; first --windows/--blocks settings) instead")
     args = parser.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in (*METHODS, CEILING)]
+    if unknown:  # before minutes of sampling, not after them
+        parser.error(f"unknown --methods {unknown}; choose from {', '.join((*METHODS, CEILING))}")
     torch.manual_seed(0)
     pipe = EmbeddedPipeline.load(tokenizer_folders())
     bench = RegionalBench(pipe)
