@@ -52,6 +52,16 @@ class PromptResult:
                 if m["type"] == "progress" and m["data"].get("node") == node]
 
 
+def remove_trained_files(outputs: dict, node_ids) -> None:
+    """Delete what the FluxWorks Train LoRA nodes `node_ids` wrote (the LoRA and its training state, listed in their
+    "lora_files" UI output). They land in ComfyUI's own models/loras (the first loras folder), not in a server's
+    temporary root, so whoever ran the training removes them."""
+    for node_id in node_ids:
+        for file in outputs.get(str(node_id), {}).get("lora_files", []):
+            if os.path.isfile(file):
+                os.remove(file)
+
+
 @dataclass
 class ComfyServer:
     root: str  # temporary folder holding models/, input/, output/, temp/, user/

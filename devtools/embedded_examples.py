@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from devtools.comfy_server import ComfyServer
+from devtools.comfy_server import ComfyServer, remove_trained_files
 from devtools.paths import REPO
 from devtools.workflow_format import input_names, input_spec, ui_to_api, widget_names
 
@@ -506,16 +506,9 @@ def thumbnail(server: ComfyServer, result, workflow: Workflow) -> Image.Image:
     return sheet
 
 
-def trained_files(result, workflow: Workflow) -> list[str]:
-    """The LoRA files (and their training state) that the workflow's FluxWorks Train LoRA nodes wrote, from the
-    node's "saved <path> after ..." report. They land in ComfyUI's own models/loras (the first loras folder), not in
-    the server's temporary root, so the writer and the tests remove them."""
-    files = []
-    for node in (n for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"):
-        [text] = result.outputs[str(node["id"])]["text"]
-        path = text.removeprefix("saved ").split(" after ")[0]
-        files += [path, path.removesuffix(".safetensors") + ".state.safetensors"]
-    return files
+def training_nodes(workflow: Workflow) -> list[int]:
+    """The ids of the workflow's FluxWorks Train LoRA nodes (their files are removed after a run)."""
+    return [n["id"] for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"]
 
 
 def write_examples(server: ComfyServer, names: list[str]) -> dict[str, str]:
@@ -531,9 +524,7 @@ def write_examples(server: ComfyServer, names: list[str]) -> dict[str, str]:
         if result.status != "success":
             raise RuntimeError(f"{name} failed on the server: {result.status}\n{server.log()[-3000:]}")
         thumbnail(server, result, workflow).save(os.path.join(EXAMPLES_DIR, name + ".jpg"), quality=92)
-        for file in trained_files(result, workflow):
-            if os.path.isfile(file):
-                os.remove(file)
+        remove_trained_files(result.outputs, training_nodes(workflow))
         [save] = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"]
         [file] = result.outputs[save]["images"]
         outputs[name] = os.path.join(server.output_dir, file["subfolder"], file["filename"])

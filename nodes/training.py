@@ -23,7 +23,7 @@ from ..flux_training.curve import loss_curve_image
 from ..flux_training.data import encode_examples
 from ..flux_training.images import fit, from_batch, read_folder
 from ..flux_training.job import check_memory, run_training, validation_latent
-from ..flux_training.trainer import LR_SCHEDULES, StepReport
+from ..flux_training.trainer import LR_SCHEDULES, StepReport, state_path
 from . import host
 from .lora import LORA_STACK
 
@@ -298,7 +298,9 @@ class FluxWorksTrainLora:
         text = (f"saved {path} after {result.steps_done} steps; last loss {result.losses[-1]:.4f}"
                 if result.losses else f"saved {path}")
         logger.info("%s: %s", node, text)
-        return {"ui": {"text": [text]}, "result": ([(name, 1.0, 1.0)], curve, path)}
+        # "lora_files": the files this run wrote, for API clients that manage them (not shown by the frontend)
+        return {"ui": {"text": [text], "lora_files": [path, state_path(path)]},
+                "result": ([(name, 1.0, 1.0)], curve, path)}
 
 
 def _to_pil(image: torch.Tensor):

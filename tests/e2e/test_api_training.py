@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.comfy_server import remove_trained_files
 from training.train_embedded_concept import concept_data
 
 pytestmark = pytest.mark.e2e
@@ -73,10 +74,9 @@ def test_dataset_train_and_sample_with_the_lora_stack(embedded_server):
     try:  # the first loras folder: ComfyUI's own models/loras (the server's extra model paths come after it)
         assert os.path.basename(path) == "e2e_trained.safetensors" and os.path.basename(os.path.dirname(path)) == "loras"
         assert os.path.isfile(path) and os.path.isfile(path.replace(".safetensors", ".state.safetensors"))
+        assert result.outputs["train"]["lora_files"] == [path, path.replace(".safetensors", ".state.safetensors")]
     finally:
-        for file in (path, path.replace(".safetensors", ".state.safetensors")):
-            if os.path.isfile(file):
-                os.remove(file)
+        remove_trained_files(result.outputs, ["train"])
     [picture] = [embedded_server.view_image(f) for f in result.outputs["save"]["images"]]
     assert picture.size == (128, 128)
     [curve] = [embedded_server.view_image(f) for f in result.outputs["curve"]["images"]]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.comfy_server import remove_trained_files
 from tests.e2e.workflows import (
     LATENT_OUT,
     SAMPLER,
@@ -106,12 +107,8 @@ def test_example_workflow_runs_over_http(comfy_server, example_models, path):
     try:
         _succeeded(result)
     finally:  # a trained LoRA lands in ComfyUI's own models/loras (the first loras folder)
-        for node_id in (k for k, n in workflow.prompt.items() if n["class_type"] == "FluxWorksTrainLora"):
-            for text in result.outputs.get(node_id, {}).get("text", []):
-                path = text.removeprefix("saved ").split(" after ")[0]
-                for file in (path, path.removesuffix(".safetensors") + ".state.safetensors"):
-                    if os.path.isfile(file):
-                        os.remove(file)
+        remove_trained_files(result.outputs, [k for k, n in workflow.prompt.items()
+                                              if n["class_type"] == "FluxWorksTrainLora"])
     savers = save_image_nodes(workflow.prompt)
     assert savers, f"{workflow.name} saves no image"
     for node in savers:

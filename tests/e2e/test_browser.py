@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.comfy_server import remove_trained_files
 from fluxworks.flux_sampler.guidance import GuidanceCurve
 from tests.e2e.ui_workflows import (
     copy_example_inputs,
@@ -289,13 +290,8 @@ def test_embedded_template_runs_from_the_templates_browser_with_no_edit(embedded
           return app.nodeOutputs?.["{save['id']}"]?.images?.length && node.imgs?.[0]?.complete && node.imgs[0].naturalWidth;
         }}""", timeout=300_000)
     page.screenshot(path=os.path.join(ARTIFACTS, f"template_{name}.png"))
-    for node in (n for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"):  # the training template's LoRA
-        for entry in embedded_server.get_json("/history").values():  # lands in ComfyUI's own models/loras
-            for text in entry["outputs"].get(str(node["id"]), {}).get("text", []):
-                path = text.removeprefix("saved ").split(" after ")[0]
-                for file in (path, path.removesuffix(".safetensors") + ".state.safetensors"):
-                    if os.path.isfile(file):
-                        os.remove(file)
+    for entry in embedded_server.get_json("/history").values():  # the training template's LoRA
+        remove_trained_files(entry["outputs"], [n["id"] for n in workflow["nodes"] if n["type"] == "FluxWorksTrainLora"])
     [image_ref] = page.evaluate(f"() => app.nodeOutputs['{save['id']}'].images")
     png = Image.open(io.BytesIO(embedded_server.view(image_ref)))
     assert png.size == (128, 128) and np.asarray(png.convert("RGB")).std() > 10.0

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import numpy as np
 import pytest
 
+from devtools.comfy_server import remove_trained_files
 from devtools.embedded_examples import (
     EMBEDDED_CONTROLNET,
     EMBEDDED_FILES,
@@ -19,7 +19,7 @@ from devtools.embedded_examples import (
     SIZE,
     TWINS,
     build_twin,
-    trained_files,
+    training_nodes,
 )
 from evaluation.adherence import analyse, colour_share
 from tests.e2e.ui_workflows import load_api, load_ui, ui_to_api, workflow_names
@@ -68,9 +68,7 @@ def trained_twin(embedded_server):
         yield _picture(embedded_server, prompt, result), result
     finally:
         if result.status == "success":
-            for file in trained_files(result, load_ui(TRAIN_TWIN)):
-                if os.path.isfile(file):
-                    os.remove(file)
+            remove_trained_files(result.outputs, training_nodes(load_ui(TRAIN_TWIN)))
 
 
 def test_every_real_example_has_an_embedded_twin():
