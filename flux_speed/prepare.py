@@ -42,6 +42,15 @@ _BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
              "efficient": "_native_efficient", "math": "_native_math"}
 _CALIBRATED_OFFLOAD = ("calibrated fp8 activations cannot be combined with block offload (streaming swaps each "
                        "block's tensors for host copies, losing the measured scales); use dynamic activations")
+AUTO_ACTIVATIONS = "auto"  # the Speed node's default fp8_activations choice (activations_for)
+
+
+def activations_for(choice: str, offload_resident_blocks: int) -> str:
+    """The fp8 activation scales a FluxWorks Speed choice means: "auto" is calibrated (fixed scales, no per-call
+    reduction) except with block offload (`offload_resident_blocks` >= 0), which cannot keep calibrated scales."""
+    if choice != AUTO_ACTIVATIONS:
+        return choice
+    return "dynamic" if offload_resident_blocks >= 0 else "calibrated"
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..flux_speed.fp8_linear import FP8_ACTIVATIONS, FP8_SCALINGS
-from ..flux_speed.prepare import ATTENTION_CHOICES, SpeedOptions
+from ..flux_speed.prepare import ATTENTION_CHOICES, AUTO_ACTIVATIONS, SpeedOptions, activations_for
 from ..flux_speed.step_cache import DEFAULT_THRESHOLD, StepCacheConfig
 from . import host
 
 OPTIONS_KEY = "fluxworks_speed"
-AUTO = "auto"  # fp8_activations: calibrated, or dynamic where block offload needs it
 _PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
 
@@ -47,7 +46,8 @@ class FluxWorksSpeed:
                             "magnitude (docs/performance.md)."}),
             "fp8_fast_accum": ("BOOLEAN", {"default": True, "tooltip": "fp8 matmul with cuBLAS's fast (less "
                                "precise) accumulation, as most fp8 inference engines use. GPU only."}),
-            "fp8_activations": ([AUTO, *FP8_ACTIVATIONS], {"default": AUTO, "tooltip": "auto: calibrated, or "
+            "fp8_activations": ([AUTO_ACTIVATIONS, *FP8_ACTIVATIONS], {
+                                "default": AUTO_ACTIVATIONS, "tooltip": "auto: calibrated, or "
                                 "dynamic with block offload. dynamic: measure each activation's range at every "
                                 "call. calibrated: measure it on the first step of each run, then use fixed scales "
                                 "(no per-call reduction)."}),
@@ -65,11 +65,10 @@ class FluxWorksSpeed:
     DESCRIPTION = "Speed modes for FluxWorks Sampler; the loaded model is not changed for other branches."
 
     def apply(self, model, compile: bool, fp8_matmul: bool, attention: str, fp8_scaling: str = "tensorwise",
-              fp8_fast_accum: bool = True, fp8_activations: str = AUTO, tune_kernels: bool = False,
+              fp8_fast_accum: bool = True, fp8_activations: str = AUTO_ACTIVATIONS, tune_kernels: bool = False,
               offload_resident_blocks: int = -1):
         patcher = host.expect(model, host.FLUX_MODEL, "FluxWorksSpeed")
-        if fp8_activations == AUTO:  # calibrated scales do not survive block offload's weight streaming
-            fp8_activations = "dynamic" if offload_resident_blocks >= 0 else "calibrated"
+        fp8_activations = activations_for(fp8_activations, offload_resident_blocks)
         options = replace(speed_options(patcher), compile=compile, fp8_matmul=fp8_matmul, attention=attention,
                           fp8_scaling=fp8_scaling, fp8_fast_accum=fp8_fast_accum, fp8_activations=fp8_activations,
                           tune_kernels=tune_kernels, offload_resident_blocks=offload_resident_blocks)
