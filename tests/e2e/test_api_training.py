@@ -10,10 +10,9 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from devtools.comfy_server import remove_trained_files
-from training.train_embedded_concept import concept_data
+from tests.e2e.workflows import write_training_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -53,17 +52,8 @@ def training_prompt(folder: str, lora_name: str, steps: int = 3) -> dict:
     }
 
 
-def write_dataset(folder: str, count: int = 4) -> None:
-    os.makedirs(folder, exist_ok=True)
-    images, captions = concept_data(count, 0, "ciel")
-    for i, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
-        Image.fromarray(pixels).save(os.path.join(folder, f"heart_{i}.png"))
-        with open(os.path.join(folder, f"heart_{i}.txt"), "w", encoding="utf-8") as f:
-            f.write(caption)
-
-
 def test_dataset_train_and_sample_with_the_lora_stack(embedded_server):
-    write_dataset(os.path.join(embedded_server.input_dir, "e2e_hearts"))
+    write_training_folder(os.path.join(embedded_server.input_dir, "e2e_hearts"), 4, "heart")
     result = embedded_server.run(training_prompt("e2e_hearts", "e2e_trained"), timeout=600)
     errors = [(m["data"]["exception_message"], m["data"]["traceback"][-3:]) for m in result.messages
               if m["type"] == "execution_error"]
@@ -88,7 +78,7 @@ def test_dataset_train_and_sample_with_the_lora_stack(embedded_server):
 
 def test_a_picture_without_caption_is_an_error_naming_the_fix(embedded_server):
     folder = os.path.join(embedded_server.input_dir, "e2e_uncaptioned")
-    write_dataset(folder, 2)
+    write_training_folder(folder, 2, "heart")
     os.remove(os.path.join(folder, "heart_1.txt"))
     result = embedded_server.run(training_prompt("e2e_uncaptioned", "e2e_never"), timeout=300)
     assert result.status == "error"

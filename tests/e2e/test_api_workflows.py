@@ -23,6 +23,7 @@ from tests.e2e.workflows import (
     save_image_nodes,
     save_latent,
     text_to_image,
+    write_training_folder,
 )
 from tests.paths import comfyui_path
 
@@ -101,7 +102,7 @@ def test_example_workflow_runs_over_http(comfy_server, example_models, path):
             comfy_server.upload_image(image, name)
     for node in workflow.prompt.values():  # a training example's dataset folder under input/, at the tiny size
         if node["class_type"] == "FluxWorksLoraDataset" and node["inputs"].get("folder"):
-            _write_dataset(os.path.join(comfy_server.input_dir, node["inputs"]["folder"]))
+            write_training_folder(os.path.join(comfy_server.input_dir, node["inputs"]["folder"]), 2)
             node["inputs"]["resolution"] = workflow.width
     result = comfy_server.run(workflow.prompt)
     try:
@@ -117,18 +118,6 @@ def test_example_workflow_runs_over_http(comfy_server, example_models, path):
         for image in images:
             assert image.size == (workflow.width, workflow.height)
             assert _pixels(image).std() > 1.0, "constant image"
-
-
-def _write_dataset(folder: str, count: int = 2) -> None:
-    """name.png + name.txt pairs, as a user's training folder holds them (the embedded concept's pictures)."""
-    from training.train_embedded_concept import concept_data
-
-    os.makedirs(folder, exist_ok=True)
-    images, captions = concept_data(count, 0, "ciel")
-    for i, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
-        Image.fromarray(pixels).save(os.path.join(folder, f"picture_{i}.png"))
-        with open(os.path.join(folder, f"picture_{i}.txt"), "w", encoding="utf-8") as f:
-            f.write(caption)
 
 
 def test_sampler_reports_progress_once_per_step(comfy_server):

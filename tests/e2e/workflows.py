@@ -122,6 +122,21 @@ def input_images(prompt: dict) -> set[str]:
     return {n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"}
 
 
+def write_training_folder(folder: str, count: int, stem: str = "picture") -> None:
+    """A LoRA training folder as a user's holds it (<stem>_<i>.png + .txt pairs): the embedded concept's pictures,
+    captioned with the token "ciel"."""
+    from PIL import Image
+
+    from training.train_embedded_concept import concept_data
+
+    os.makedirs(folder, exist_ok=True)
+    images, captions = concept_data(count, 0, "ciel")
+    for i, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
+        Image.fromarray(pixels).save(os.path.join(folder, f"{stem}_{i}.png"))
+        with open(os.path.join(folder, f"{stem}_{i}.txt"), "w", encoding="utf-8") as f:
+            f.write(caption)
+
+
 def save_image_nodes(prompt: dict) -> list[str]:
     return [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
 
